@@ -200,17 +200,10 @@ class CoreMLEmulator:
     # -- inference ----------------------------------------------------------------------------
 
     def _keras_inputs(self, inputs: np.ndarray) -> np.ndarray:
-        x = np.asarray(inputs, dtype=np.float32)
-        declared = self.network.input_declared_shape
-        if x.shape[1:] != declared:
-            raise ParameterError(
-                f"{self.model_name}: input '{self.network.input_name}' expects examples of shape "
-                f"{list(declared)}, got a batch of shape {list(x.shape)}"
-            )
-        c, h, w = self.network.input_shape
+        x = self.network.input_batch(inputs)  # N, C, H, W
         if self._blobs[self.network.input_name].spatial:
-            return np.ascontiguousarray(x.reshape(-1, c, h, w).transpose(0, 2, 3, 1))
-        return x.reshape(-1, c)
+            return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        return x.reshape(len(x), -1)
 
     def _model_for(self, names: tuple[str, ...]) -> keras.Model:
         if names not in self._models:

@@ -155,14 +155,7 @@ class ReferenceInterpreter:
         Returns each requested output (default: the model's outputs; any blob name works) as an
         array of N x its declared shape.
         """
-        x = np.asarray(inputs, dtype=np.float32)
-        declared = self.network.input_declared_shape
-        if x.shape[1:] != declared:
-            raise ParameterError(
-                f"{self.network.model_name}: input '{self.network.input_name}' expects examples "
-                f"of shape {list(declared)}, got a batch of shape {list(x.shape)}"
-            )
-        x = x.reshape(x.shape[0], *self.network.input_shape)
+        x = self.network.input_batch(inputs)
         wanted = list(outputs) if outputs is not None else list(self.network.outputs)
         shapes = {name: self._declared_shape(name) for name in wanted}
         chunks: dict[str, list[np.ndarray]] = {name: [] for name in wanted}

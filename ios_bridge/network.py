@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2, NeuralNetwork_pb2
-from fedcoreml.ios_bridge.errors import UnsupportedModelError
+from fedcoreml.ios_bridge.errors import ParameterError, UnsupportedModelError
 
 Shape = tuple[int, int, int]
 PaddingMode = Literal["valid", "same"]
@@ -103,6 +105,16 @@ class Network:
             for layer in self.layers
             if isinstance(layer, Convolution | InnerProduct) and layer.updatable
         )
+
+    def input_batch(self, inputs) -> np.ndarray:
+        """A batch of examples (N x declared input shape) as float32 N x C x H x W."""
+        x = np.asarray(inputs, dtype=np.float32)
+        if x.shape[1:] != self.input_declared_shape:
+            raise ParameterError(
+                f"{self.model_name}: input '{self.input_name}' expects examples of shape "
+                f"{list(self.input_declared_shape)}, got a batch of shape {list(x.shape)}"
+            )
+        return x.reshape(x.shape[0], *self.input_shape)
 
     def example_shape(self, name: str) -> tuple[int, ...]:
         """Per-example shape a caller sees for a blob: its declared shape for a model output,
@@ -242,6 +254,31 @@ def _check_float32_weights(
         )
 
 
+@dataclass(frozen=True)
+class _Window:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: PaddingMode
+    explicit: Pads
+    pads: Pads
+    out_hw: tuple[int, int]
+
+
+def _sliding_window(p, oneof: str, input_shape: Shape, name: str, model: str) -> _Window:
+    """Kernel, stride and padding of a convolution or pooling layer, and its output size."""
+    kernel = _pair(p.kernelSize, 3, "kernelSize", name, model)
+    stride = _pair(p.stride, 1, "stride", name, model)
+    mode, explicit = _padding_of(p, oneof, name, model)
+    in_hw = (input_shape[1], input_shape[2])
+    pads = _pads_for(mode, in_hw, kernel, stride, explicit)
+    out_hw = _spatial_out(in_hw, kernel, stride, pads)
+    if out_hw[0] < 1 or out_hw[1] < 1:
+        raise UnsupportedModelError(
+            f"{model}: layer '{name}': a {kernel} window does not fit input {list(input_shape)}"
+        )
+    return _Window(kernel, stride, mode, explicit, pads, out_hw)
+
+
 def _parse_convolution(raw, input_shape: Shape, model: str) -> Convolution:
     p = raw.convolution
     name = raw.name
@@ -256,23 +293,16 @@ def _parse_convolution(raw, input_shape: Shape, model: str) -> Convolution:
             f"{model}: layer '{name}': dilated convolution {list(p.dilationFactor)} "
             "is not supported"
         )
-    kernel = _pair(p.kernelSize, 3, "kernelSize", name, model)
-    stride = _pair(p.stride, 1, "stride", name, model)
-    mode, explicit = _padding_of(p, "ConvolutionPaddingType", name, model)
-    in_c, in_h, in_w = input_shape
+    in_c = input_shape[0]
     if p.kernelChannels != in_c:
         raise UnsupportedModelError(
             f"{model}: layer '{name}': kernelChannels={p.kernelChannels} but its input "
             f"'{raw.input[0]}' has {in_c} channels"
         )
-    pads = _pads_for(mode, (in_h, in_w), kernel, stride, explicit)
-    out_h, out_w = _spatial_out((in_h, in_w), kernel, stride, pads)
-    if out_h < 1 or out_w < 1:
-        raise UnsupportedModelError(
-            f"{model}: layer '{name}': a {kernel} kernel does not fit input {list(input_shape)}"
-        )
+    window = _sliding_window(p, "ConvolutionPaddingType", input_shape, name, model)
+    kh, kw = window.kernel
     out_c = int(p.outputChannels)
-    _check_float32_weights(p.weights, out_c * in_c * kernel[0] * kernel[1], "weights", name, model)
+    _check_float32_weights(p.weights, out_c * in_c * kh * kw, "weights", name, model)
     if p.hasBias:
         _check_float32_weights(p.bias, out_c, "bias", name, model)
     return Convolution(
@@ -280,13 +310,13 @@ def _parse_convolution(raw, input_shape: Shape, model: str) -> Convolution:
         input=raw.input[0],
         output=raw.output[0],
         input_shape=input_shape,
-        output_shape=(out_c, out_h, out_w),
+        output_shape=(out_c, *window.out_hw),
         in_channels=in_c,
         out_channels=out_c,
-        kernel=kernel,
-        stride=stride,
-        padding=mode,
-        pads=pads,
+        kernel=window.kernel,
+        stride=window.stride,
+        padding=window.padding,
+        pads=window.pads,
         has_bias=bool(p.hasBias),
         updatable=bool(raw.isUpdatable),
     )
@@ -307,31 +337,23 @@ def _parse_pooling(raw, input_shape: Shape, model: str) -> Pooling:
             f"{model}: layer '{name}': 'includeLastPixel' pooling padding is not supported "
             "(valid or same only)"
         )
-    kernel = _pair(p.kernelSize, 3, "kernelSize", name, model)
-    stride = _pair(p.stride, 1, "stride", name, model)
-    mode, explicit = _padding_of(p, "PoolingPaddingType", name, model)
-    if explicit != (0, 0, 0, 0):
+    window = _sliding_window(p, "PoolingPaddingType", input_shape, name, model)
+    if window.explicit != (0, 0, 0, 0):
         raise UnsupportedModelError(
-            f"{model}: layer '{name}': explicit pooling padding {list(explicit)} is not supported"
-        )
-    in_c, in_h, in_w = input_shape
-    pads = _pads_for(mode, (in_h, in_w), kernel, stride)
-    out_h, out_w = _spatial_out((in_h, in_w), kernel, stride, pads)
-    if out_h < 1 or out_w < 1:
-        raise UnsupportedModelError(
-            f"{model}: layer '{name}': a {kernel} window does not fit input {list(input_shape)}"
+            f"{model}: layer '{name}': explicit pooling padding {list(window.explicit)} "
+            "is not supported"
         )
     return Pooling(
         name=name,
         input=raw.input[0],
         output=raw.output[0],
         input_shape=input_shape,
-        output_shape=(in_c, out_h, out_w),
+        output_shape=(input_shape[0], *window.out_hw),
         kind=kinds[p.type],  # type: ignore[arg-type]
-        kernel=kernel,
-        stride=stride,
-        padding=mode,
-        pads=pads,
+        kernel=window.kernel,
+        stride=window.stride,
+        padding=window.padding,
+        pads=window.pads,
         exclude_padding=bool(p.avgPoolExcludePadding),
     )
 
