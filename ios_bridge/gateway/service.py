@@ -1,0 +1,252 @@
+"""The gRPC ``DeviceService``: the coordinator's door for iPhones and simulated devices.
+
+Every request is checked before it touches state; a refusal is a gRPC status with a message
+that says what is wrong (see protos/README.md for the contract). Results are decoded against the
+model's updatable parameters and handed to the task board only when valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+
+from fedcoreml.ios_bridge.gateway.errors import GatewayError, OutOfRangeError
+from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
+from fedcoreml.ios_bridge.gateway.task_board import (
+    EvaluationResult,
+    Task,
+    TaskBoard,
+    UpdateResult,
+)
+from fedcoreml.ios_bridge.parameters import ParameterInfo
+from fedcoreml.ios_bridge.tensor_codec import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    MalformedUpdateError,
+    decode_update,
+)
+from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+
+log = logging.getLogger("fedcoreml.gateway")
+
+MAX_EXAMPLES = 10_000_000  # a plausible ceiling for one device's data set
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+
+
+def _model_ref(task_model) -> device_pb2.ModelRef:
+    return device_pb2.ModelRef(
+        version=task_model.version, sha256=task_model.sha256, size_bytes=len(task_model.data)
+    )
+
+
+def _check_metrics(num_examples: int, loss: float, accuracy: float) -> None:
+    if num_examples <= 0:
+        raise GatewayError(f"num_examples must be positive, got {num_examples}")
+    if num_examples > MAX_EXAMPLES:
+        raise GatewayError(
+            f"num_examples {num_examples} is implausible (more than {MAX_EXAMPLES:,})"
+        )
+    if not math.isfinite(loss) or loss < 0:
+        raise GatewayError(f"loss must be a finite, non-negative number, got {loss}")
+    if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+        raise GatewayError(f"accuracy must lie in [0, 1], got {accuracy}")
+
+
+class DeviceService(device_pb2_grpc.DeviceServiceServicer):
+    """Serves the device protocol over a session registry and a task board."""
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        board: TaskBoard,
+        parameter_infos: list[ParameterInfo],
+        poll_interval_ms: int = 1000,
+    ) -> None:
+        self.registry = registry
+        self.board = board
+        self.infos = parameter_infos
+        self.poll_interval_ms = poll_interval_ms
+
+    # Each handler runs its body through _guarded, which turns refusals into gRPC statuses.
+    def _guarded(self, context: grpc.ServicerContext, rpc: str, body: Callable[[], object]):
+        try:
+            return body()
+        except GatewayError as exc:
+            log.info("%s refused (%s): %s", rpc, exc.code, exc)
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+
+    def Register(self, request, context):  # noqa: N802 (gRPC method name)
+        def body():
+            session = self.registry.register(
+                request.device_id, request.platform, request.os_version, request.app_version
+            )
+            log.info(
+                "device %s registered (%s %s, app %s) as node %d",
+                request.device_id, request.platform, request.os_version,
+                request.app_version, session.node_id,
+            )  # fmt: skip
+            return device_pb2.RegisterResponse(
+                session_id=session.session_id,
+                pacing=device_pb2.PacingHints(
+                    poll_interval_ms=self.poll_interval_ms,
+                    max_message_bytes=MAX_MESSAGE_BYTES,
+                    chunk_bytes=DEFAULT_CHUNK_BYTES,
+                    session_ttl_ms=int(self.registry.idle_ttl_s * 1000),
+                ),
+            )
+
+        return self._guarded(context, "Register", body)
+
+    def GetTask(self, request, context):  # noqa: N802
+        def body():
+            session = self.registry.touch(request.session_id)
+            task = self.board.next_task(session.node_id)
+            if task is not None:
+                # Working on a task, a device may stay silent until the task's deadline.
+                self.registry.hold(session.node_id, task.deadline)
+                return self._task_message(task)
+            finished, final_model, reason = self.board.finished
+            if finished:
+                return device_pb2.GetTaskResponse(
+                    finished=device_pb2.RunFinished(
+                        reason=reason,
+                        final_model=_model_ref(final_model) if final_model else None,
+                    )
+                )
+            return device_pb2.GetTaskResponse(
+                wait=device_pb2.Wait(
+                    retry_after_ms=self.poll_interval_ms, reason="no task for this device yet"
+                )
+            )
+
+        return self._guarded(context, "GetTask", body)
+
+    def _task_message(self, task: Task) -> device_pb2.GetTaskResponse:
+        remaining_ms = int(self.board.remaining_s(task) * 1000)
+        if task.kind == "train":
+            assert task.config is not None
+            return device_pb2.GetTaskResponse(
+                train=device_pb2.TrainTask(
+                    task_id=task.task_id,
+                    round=task.round,
+                    model=_model_ref(task.model),
+                    config=device_pb2.TrainConfig(
+                        epochs=task.config.epochs,
+                        batch_size=task.config.batch_size,
+                        learning_rate=task.config.learning_rate,
+                    ),
+                    deadline_ms=remaining_ms,
+                )
+            )
+        return device_pb2.GetTaskResponse(
+            evaluate=device_pb2.EvaluateTask(
+                task_id=task.task_id,
+                round=task.round,
+                model=_model_ref(task.model),
+                deadline_ms=remaining_ms,
+            )
+        )
+
+    def DownloadModel(self, request, context) -> Iterator[device_pb2.ModelChunk]:  # noqa: N802
+        def body():
+            session = self.registry.touch(request.session_id)
+            task = self.board.task_for(request.task_id, session.node_id)
+            self.registry.hold(session.node_id, task.deadline)
+            data = task.model.data
+            if request.offset > len(data):
+                raise OutOfRangeError(
+                    f"offset {request.offset} is past the end of the model ({len(data)} bytes)"
+                )
+            return task.model, data
+
+        found = self._guarded(context, "DownloadModel", body)
+        model, data = found
+        offset = int(request.offset)
+        while True:
+            chunk = data[offset : offset + DOWNLOAD_CHUNK_BYTES]
+            yield device_pb2.ModelChunk(
+                offset=offset, data=chunk, total_size=len(data), sha256=model.sha256
+            )
+            offset += len(chunk)
+            if offset >= len(data):
+                return
+
+    def SubmitUpdate(self, request_iterator, context):  # noqa: N802
+        def body():
+            # Check who is sending before reading (and buffering) the tensors.
+            messages = iter(request_iterator)
+            first = next(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise GatewayError("the first message must be the update header")
+            session = self.registry.touch(first.header.session_id)
+            self.board.task_for(first.header.task_id, session.node_id, "train")
+            try:
+                header, parameters = decode_update(itertools.chain([first], messages), self.infos)
+            except MalformedUpdateError as exc:
+                raise GatewayError(str(exc)) from None
+            _check_metrics(header.num_examples, header.loss, header.accuracy)
+            task = self.board.complete(
+                header.task_id,
+                session.node_id,
+                UpdateResult(
+                    parameters=parameters,
+                    num_examples=header.num_examples,
+                    loss=header.loss,
+                    accuracy=header.accuracy,
+                    train_seconds=header.train_seconds,
+                ),
+            )
+            self.registry.release(session.node_id)
+            log.info(
+                "update for round %d from node %d: %d examples, loss %.4f, accuracy %.4f",
+                task.round, session.node_id, header.num_examples, header.loss, header.accuracy,
+            )  # fmt: skip
+            return device_pb2.SubmitUpdateResponse(accepted=True, round=task.round)
+
+        return self._guarded(context, "SubmitUpdate", body)
+
+    def SubmitEvaluation(self, request, context):  # noqa: N802
+        def body():
+            session = self.registry.touch(request.session_id)
+            self.board.task_for(request.task_id, session.node_id, "evaluate")
+            _check_metrics(request.num_examples, request.loss, request.accuracy)
+            self.board.complete(
+                request.task_id,
+                session.node_id,
+                EvaluationResult(request.num_examples, request.loss, request.accuracy),
+            )
+            self.registry.release(session.node_id)
+            return device_pb2.SubmitEvaluationResponse(accepted=True)
+
+        return self._guarded(context, "SubmitEvaluation", body)
+
+
+def start_server(
+    service: DeviceService,
+    address: str,
+    max_workers: int = 32,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
+    """Start serving on ``address`` ("host:port"; port 0 picks one). Returns (server, port)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(service, server)
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, port

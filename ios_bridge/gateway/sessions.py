@@ -1,0 +1,123 @@
+"""Registered devices, their sessions, node ids and liveness.
+
+A device is live while it keeps calling (any RPC refreshes it) within the idle TTL, or while it
+holds a task whose deadline has not passed. Node ids are what Flower's Grid calls nodes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fedcoreml.ios_bridge.gateway.errors import GatewayError, NotFoundError
+
+MAX_DEVICE_ID_LENGTH = 128
+
+
+@dataclass
+class Session:
+    session_id: str
+    node_id: int
+    device_id: str
+    platform: str
+    os_version: str
+    app_version: str
+    last_seen: float
+    held_until: float = 0.0  # a device holding a task stays live until this (monotonic) time
+    capabilities: dict[str, float] = field(default_factory=dict)
+
+
+class SessionRegistry:
+    """Thread-safe registry of device sessions."""
+
+    def __init__(self, idle_ttl_s: float = 30.0, clock=time.monotonic) -> None:
+        self.idle_ttl_s = idle_ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_session: dict[str, Session] = {}
+        self._by_device: dict[str, Session] = {}
+        self._by_node: dict[int, Session] = {}
+
+    def register(
+        self, device_id: str, platform: str = "", os_version: str = "", app_version: str = ""
+    ) -> Session:
+        """A new session for ``device_id``; one it had before is replaced (keeping its node)."""
+        if not device_id or len(device_id) > MAX_DEVICE_ID_LENGTH or not device_id.isprintable():
+            raise GatewayError(
+                f"device_id must be 1-{MAX_DEVICE_ID_LENGTH} printable characters, "
+                f"got {device_id!r:.40}"
+            )
+        with self._lock:
+            previous = self._by_device.get(device_id)
+            if previous is not None:
+                self._by_session.pop(previous.session_id, None)
+                node_id = previous.node_id
+            else:
+                node_id = self._new_node_id()
+            session = Session(
+                session_id=secrets.token_hex(16),
+                node_id=node_id,
+                device_id=device_id,
+                platform=platform,
+                os_version=os_version,
+                app_version=app_version,
+                last_seen=self._clock(),
+            )
+            self._by_session[session.session_id] = session
+            self._by_device[device_id] = session
+            self._by_node[node_id] = session
+            return session
+
+    def _new_node_id(self) -> int:
+        while True:
+            node_id = secrets.randbits(63) or 1
+            if node_id not in self._by_node:
+                return node_id
+
+    def touch(self, session_id: str) -> Session:
+        """The live session with this id, refreshed; NotFoundError if unknown or expired."""
+        with self._lock:
+            session = self._by_session.get(session_id)
+            if session is None or not self._is_live(session, self._clock()):
+                raise NotFoundError(
+                    "unknown or expired session; call Register again"
+                    if session_id
+                    else "session_id is missing; call Register first"
+                )
+            session.last_seen = self._clock()
+            return session
+
+    def hold(self, node_id: int, until: float) -> None:
+        """Keep a node live until ``until`` (monotonic), while it works on a task."""
+        with self._lock:
+            session = self._by_node.get(node_id)
+            if session is not None:
+                session.held_until = max(session.held_until, until)
+
+    def release(self, node_id: int) -> None:
+        with self._lock:
+            session = self._by_node.get(node_id)
+            if session is not None:
+                session.held_until = 0.0
+                session.last_seen = self._clock()
+
+    def _is_live(self, session: Session, now: float) -> bool:
+        if self._by_session.get(session.session_id) is not session:
+            return False
+        return now - session.last_seen <= self.idle_ttl_s or now <= session.held_until
+
+    def is_live(self, node_id: int) -> bool:
+        with self._lock:
+            session = self._by_node.get(node_id)
+            return session is not None and self._is_live(session, self._clock())
+
+    def live_node_ids(self) -> list[int]:
+        with self._lock:
+            now = self._clock()
+            return [s.node_id for s in self._by_session.values() if self._is_live(s, now)]
+
+    def session_of(self, node_id: int) -> Session | None:
+        with self._lock:
+            return self._by_node.get(node_id)

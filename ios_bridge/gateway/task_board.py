@@ -1,0 +1,241 @@
+"""The task board: what the coordinator asked of which device, and what came back.
+
+The coordinator (through DeviceGrid) assigns tasks and waits for them; the gRPC service hands
+them to devices and records their results after validation. A task ends exactly once: submitted,
+or failed (deadline passed, device gone, round closed). A result for an ended task is refused,
+so a late or repeated submission can never reach an aggregate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from fedcoreml.ios_bridge.gateway.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+
+TaskKind = Literal["train", "evaluate"]
+TaskStatus = Literal["pending", "submitted", "failed"]
+
+
+@dataclass(frozen=True)
+class RoundModel:
+    """One global model as devices download it: the exact .mlmodel bytes, built once."""
+
+    version: int
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def from_bytes(cls, version: int, data: bytes) -> RoundModel:
+        return cls(version, data, hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    parameters: list[tuple[str, np.ndarray]]
+    num_examples: int
+    loss: float
+    accuracy: float
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class Task:
+    task_id: str
+    node_id: int
+    kind: TaskKind
+    round: int
+    model: RoundModel
+    config: TaskConfig | None
+    deadline: float  # monotonic
+    status: TaskStatus = "pending"
+    failure: str = ""
+    result: UpdateResult | EvaluationResult | None = None
+    assigned_at: float = field(default_factory=time.monotonic)
+
+
+class TaskBoard:
+    """Thread-safe record of tasks; ``wait`` blocks the coordinator until they end."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._tasks: dict[str, Task] = {}
+        self._finished_model: RoundModel | None = None
+        self._finished_reason = ""
+
+    # -- coordinator side ---------------------------------------------------------------------
+
+    def assign(
+        self,
+        node_id: int,
+        kind: TaskKind,
+        round_number: int,
+        model: RoundModel,
+        config: TaskConfig | None,
+        timeout_s: float,
+    ) -> Task:
+        task = Task(
+            task_id=secrets.token_hex(12),
+            node_id=node_id,
+            kind=kind,
+            round=round_number,
+            model=model,
+            config=config,
+            deadline=self._clock() + timeout_s,
+        )
+        with self._cond:
+            self._tasks[task.task_id] = task
+        return task
+
+    def wait(
+        self,
+        task_ids: Iterable[str],
+        timeout_s: float | None,
+        is_live: Callable[[int], bool],
+        poll_s: float = 0.2,
+    ) -> None:
+        """Block until every task ended, the timeout passed, or only dead devices are left.
+
+        A task whose device is no longer live is failed on the way, so a vanished phone never
+        holds up a round.
+        """
+        ids = list(task_ids)
+        end = None if timeout_s is None else self._clock() + timeout_s
+        with self._cond:
+            while True:
+                open_tasks = [self._tasks[i] for i in ids if self._tasks[i].status == "pending"]
+                for task in open_tasks:
+                    if not is_live(task.node_id):
+                        self._fail(task, "device disconnected")
+                    elif self._clock() > task.deadline:
+                        self._fail(task, "deadline passed")
+                if all(self._tasks[i].status != "pending" for i in ids):
+                    return
+                remaining = None if end is None else end - self._clock()
+                if remaining is not None and remaining <= 0:
+                    return
+                self._cond.wait(poll_s if remaining is None else min(poll_s, remaining))
+
+    def close(self, task_ids: Iterable[str], reason: str) -> None:
+        """End the still-pending tasks as failed: their round is over."""
+        with self._cond:
+            for task_id in task_ids:
+                task = self._tasks.get(task_id)
+                if task is not None and task.status == "pending":
+                    self._fail(task, reason)
+
+    def take(self, task_ids: Iterable[str]) -> list[Task]:
+        """Remove ended tasks from the board and return them (results included)."""
+        with self._cond:
+            ended = [
+                self._tasks.pop(i)
+                for i in list(task_ids)
+                if i in self._tasks and self._tasks[i].status != "pending"
+            ]
+            return ended
+
+    def finish_run(self, final_model: RoundModel | None, reason: str = "run complete") -> None:
+        with self._cond:
+            self._finished_model = final_model
+            self._finished_reason = reason
+            for task in self._tasks.values():
+                if task.status == "pending":
+                    self._fail(task, "run finished")
+            self._cond.notify_all()
+
+    def _fail(self, task: Task, reason: str) -> None:
+        task.status = "failed"
+        task.failure = reason
+        self._cond.notify_all()
+
+    # -- device side --------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> tuple[bool, RoundModel | None, str]:
+        with self._cond:
+            return (
+                bool(self._finished_reason),
+                self._finished_model,
+                self._finished_reason,
+            )
+
+    def next_task(self, node_id: int) -> Task | None:
+        """The oldest pending task of a node (the same one again if it asks twice)."""
+        with self._cond:
+            now = self._clock()
+            mine = [
+                t
+                for t in self._tasks.values()
+                if t.node_id == node_id and t.status == "pending" and now <= t.deadline
+            ]
+            return min(mine, key=lambda t: t.assigned_at) if mine else None
+
+    def remaining_s(self, task: Task) -> float:
+        """Seconds left before the task's deadline (0 when passed)."""
+        return max(task.deadline - self._clock(), 0.0)
+
+    def task_for(self, task_id: str, node_id: int, kind: TaskKind | None = None) -> Task:
+        """A task a device may act on, or the reason it may not."""
+        with self._cond:
+            task = self._tasks.get(task_id)
+            if task is None:
+                raise NotFoundError(f"unknown task id {task_id!r:.40} (or its round is over)")
+            if task.node_id != node_id:
+                raise PermissionDeniedError(f"task {task_id} was given to another device")
+            if kind is not None and task.kind != kind:
+                raise FailedPreconditionError(
+                    f"task {task_id} is a {task.kind} task, not a {kind} task"
+                )
+            if task.status == "submitted":
+                raise FailedPreconditionError(f"task {task_id} was already submitted")
+            if task.status == "failed":
+                raise FailedPreconditionError(
+                    f"task {task_id} of round {task.round} is closed ({task.failure})"
+                )
+            if self._clock() > task.deadline:
+                self._fail(task, "deadline passed")
+                raise FailedPreconditionError(
+                    f"task {task_id} of round {task.round} is closed (deadline passed)"
+                )
+            return task
+
+    def complete(
+        self,
+        task_id: str,
+        node_id: int,
+        result: UpdateResult | EvaluationResult,
+    ) -> Task:
+        """Record a validated result; refused if the task ended meanwhile."""
+        kind: TaskKind = "train" if isinstance(result, UpdateResult) else "evaluate"
+        with self._cond:
+            task = self.task_for(task_id, node_id, kind)
+            task.status = "submitted"
+            task.result = result
+            self._cond.notify_all()
+            return task

@@ -1,0 +1,244 @@
+"""The coordinator: serves devices over gRPC and runs rounds with a Flower strategy.
+
+One run: wait for enough devices, run R rounds of the chosen strategy over DeviceGrid, and after
+every round bake the new global parameters into the exact .mlmodel that will be shipped next,
+judge it with the reference interpreter on held-out data, and record it in the run directory.
+Then tell the devices the run is finished. No TensorFlow here: only the spec, numpy and Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from fedcoreml.client_sim.data import Dataset, load_dataset
+from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
+from fedcoreml.ios_bridge.default_model import build_default_model
+from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.gateway.service import DeviceService, start_server
+from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
+from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard
+from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
+from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes
+from fedcoreml.ios_bridge.network import parse_network
+from fedcoreml.ios_bridge.parameters import get_parameters
+from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_params
+from fedcoreml.server.device_grid import (
+    BATCH_SIZE_KEY,
+    EPOCHS_KEY,
+    LEARNING_RATE_KEY,
+    DeviceGrid,
+    arrays_to_parameters,
+    parameters_to_arrays,
+)
+from fedcoreml.server.flower_identity import set_task_identity
+from fedcoreml.server.model_store import ModelStore
+from fedcoreml.server.run_dir import RunDirectory
+from fedcoreml.server.strategies import make_strategy
+
+log = logging.getLogger("fedcoreml.coordinator")
+
+
+class CoordinatorConfigError(FedCoreMLError):
+    """A coordinator option out of range."""
+
+
+@dataclass
+class CoordinatorConfig:
+    run_dir: Path
+    rounds: int
+    min_devices: int
+    listen: str = "127.0.0.1:0"
+    fraction: float = 1.0
+    fraction_evaluate: float = 0.0
+    strategy: str = "fedavg"
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+    model: Path | None = None  # None: the default model
+    model_seed: int = 0
+    local_epochs: int | None = None  # None: the model's defaults
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    round_timeout: float = 600.0
+    eval_data: str | None = None  # None: the bundled sample's test set
+    session_ttl: float = 30.0
+    poll_interval_ms: int = 500
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    test_accuracy: float
+    test_loss: float
+    devices_sampled: int
+    devices_reported: int
+    devices_failed: int
+    examples: int
+    seconds: float
+    model_sha256: str
+    evaluated_devices: int = 0
+    device_accuracy: float | None = None
+
+
+class Coordinator:
+    """Build once, then ``start()`` (listen) and ``run()`` (blocks until the last round)."""
+
+    def __init__(
+        self, config: CoordinatorConfig, on_round: Callable[[RoundRecord], None] | None = None
+    ) -> None:
+        self.config = config
+        self.on_round = on_round
+        if config.rounds < 1:
+            raise CoordinatorConfigError(f"--rounds must be at least 1, got {config.rounds}")
+        if config.min_devices < 1:
+            raise CoordinatorConfigError(
+                f"--min-devices must be at least 1, got {config.min_devices}"
+            )
+        if not 0 < config.fraction <= 1:
+            raise CoordinatorConfigError(f"--fraction must lie in (0, 1], got {config.fraction}")
+        if config.round_timeout <= 0:
+            raise CoordinatorConfigError(
+                f"--round-timeout must be positive, got {config.round_timeout}"
+            )
+        self.spec, self.model_name = self._load_model()
+        network = parse_network(self.spec, self.model_name)
+        self.training: TrainingConfig = parse_update_params(self.spec, network).resolve(
+            config.local_epochs, config.batch_size, config.learning_rate
+        )
+        self.probabilities = self.training.loss.input
+        self.strategy = make_strategy(
+            config.strategy,
+            fraction_train=config.fraction,
+            fraction_evaluate=config.fraction_evaluate,
+            min_devices=config.min_devices,
+            options=config.strategy_args,
+        )
+        self.eval_data: Dataset = load_dataset(config.eval_data)
+        self.run_dir = RunDirectory(config.run_dir)
+        self.store = ModelStore(self.spec, self.model_name)
+        self.registry = SessionRegistry(idle_ttl_s=config.session_ttl)
+        self.board = TaskBoard()
+        self.service = DeviceService(
+            self.registry, self.board, self.store.infos, config.poll_interval_ms
+        )
+        self.run_id = secrets.randbits(63)
+        self.grid = DeviceGrid(
+            self.registry, self.board, self.store, self.run_id, config.round_timeout
+        )
+        self.records: list[RoundRecord] = []
+        self._server = None
+        self.port: int | None = None
+
+    def _load_model(self) -> tuple[Model_pb2.Model, str]:
+        if self.config.model is None:
+            return build_default_model(seed=self.config.model_seed), "default model"
+        return load_spec(self.config.model), str(self.config.model)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> int:
+        self._server, self.port = start_server(self.service, self.config.listen)
+        log.info("listening for devices on port %d", self.port)
+        return self.port
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+            self._server = None
+
+    def run(self) -> Path:
+        """Run every round; returns the path of final.mlmodel."""
+        if self._server is None:
+            self.start()
+        config = self.config
+        self.run_dir.write_config(
+            {**config.to_json(), "model": self.model_name, "run_id": self.run_id}
+        )
+        set_task_identity(self.run_id)
+        initial = parameters_to_arrays(get_parameters(self.spec, self.model_name))
+        train_config = ConfigRecord(
+            {
+                EPOCHS_KEY: self.training.epochs,
+                BATCH_SIZE_KEY: self.training.batch_size,
+                LEARNING_RATE_KEY: self.training.learning_rate,
+            }
+        )
+        log.info(
+            "run %d: %s, %d round(s), waiting for %d device(s); local training: %d epoch(s), "
+            "batch %d, lr %g",
+            self.run_id, config.strategy, config.rounds, config.min_devices,
+            self.training.epochs, self.training.batch_size, self.training.learning_rate,
+        )  # fmt: skip
+        result = self.strategy.start(
+            grid=self.grid,
+            initial_arrays=initial,
+            num_rounds=config.rounds,
+            timeout=config.round_timeout,
+            train_config=train_config,
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=self._after_round,
+        )
+        final = self.store.build(
+            arrays_to_parameters(result.arrays if len(result.arrays) else initial),
+            version=config.rounds,
+        )
+        path = self.run_dir.write_final_model(final.data)
+        self._finish(final)
+        log.info("run finished: %s (sha256 %s)", path, final.sha256[:12])
+        return path
+
+    def _finish(self, final: RoundModel) -> None:
+        """Tell the devices, and give every live one a chance to hear it before stopping."""
+        self.board.finish_run(final)
+        grace_end = time.monotonic() + 2 * self.config.poll_interval_ms / 1000 + 1.0
+        while time.monotonic() < grace_end and self.registry.live_node_ids():
+            time.sleep(0.1)
+
+    # -- per round ----------------------------------------------------------------------------
+
+    def _after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's evaluate_fn: record and judge the model that will be shipped next."""
+        start = time.monotonic()
+        model = self.store.build(arrays_to_parameters(arrays), version=server_round)
+        self.run_dir.write_round_model(server_round, model.data)
+        # Judge the bytes exactly as a device receives them.
+        judged = ReferenceInterpreter(spec_from_bytes(model.data), self.model_name)
+        loss, accuracy = judged.evaluate(
+            self.eval_data.x_test, self.eval_data.y_test, self.probabilities
+        )
+        exchanges = [s for s in self.grid.history if s.round == server_round]
+        train = next((s for s in exchanges if s.kind == "train"), None)
+        evaluate = next((s for s in exchanges if s.kind == "evaluate"), None)
+        record = RoundRecord(
+            round=server_round,
+            test_accuracy=round(accuracy, 6),
+            test_loss=round(loss, 6),
+            devices_sampled=train.sampled if train else 0,
+            devices_reported=train.reported if train else 0,
+            devices_failed=train.failed if train else 0,
+            examples=train.examples if train else 0,
+            seconds=round(sum(s.seconds for s in exchanges) + time.monotonic() - start, 3),
+            model_sha256=model.sha256,
+            evaluated_devices=evaluate.reported if evaluate else 0,
+            device_accuracy=evaluate.accuracy if evaluate else None,
+        )
+        self.run_dir.append_metrics(asdict(record))
+        self.records.append(record)
+        log.info(
+            "round %d: test accuracy %.4f, loss %.4f (%d/%d devices reported, %d examples)",
+            server_round, accuracy, loss, record.devices_reported, record.devices_sampled,
+            record.examples,
+        )  # fmt: skip
+        if self.on_round is not None:
+            self.on_round(record)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})

@@ -1,0 +1,242 @@
+"""DeviceGrid: Flower's ``Grid`` over the gRPC device gateway, so Flower's strategies drive rounds.
+
+Connected devices are the Grid's nodes. A message to a node becomes a task on the board: its
+``ArrayRecord`` is baked into a .mlmodel (once per distinct parameter set) that the device
+downloads, and its ``ConfigRecord`` gives the training overrides. A device's validated result
+comes back as the reply message Flower expects: an ``ArrayRecord`` of the updated parameters
+(Core ML layout, the model's names) and a ``MetricRecord`` with ``num-examples``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
+from fedcoreml.ios_bridge.gateway.task_board import (
+    EvaluationResult,
+    RoundModel,
+    Task,
+    TaskBoard,
+    TaskConfig,
+    UpdateResult,
+)
+from fedcoreml.server.model_store import ModelStore
+
+log = logging.getLogger("fedcoreml.grid")
+
+# ConfigRecord keys the coordinator uses for per-round training overrides.
+EPOCHS_KEY = "local-epochs"
+BATCH_SIZE_KEY = "batch-size"
+LEARNING_RATE_KEY = "lr"
+ROUND_KEY = "server-round"  # injected by Flower's strategies
+# Flower error code for a device that did not deliver (not one of Flower's own codes).
+DEVICE_FAILED = 1001
+
+
+@dataclass
+class ExchangeStats:
+    """One send_and_receive: what was asked of how many devices and what came back."""
+
+    kind: str
+    round: int
+    sampled: int = 0
+    reported: int = 0
+    failed: int = 0
+    examples: int = 0
+    accuracy: float | None = None  # examples-weighted mean of what the devices reported
+    seconds: float = 0.0
+
+
+def arrays_to_parameters(arrays: ArrayRecord) -> list[tuple[str, object]]:
+    return [(name, array.numpy()) for name, array in arrays.items()]
+
+
+def parameters_to_arrays(parameters: Iterable[tuple[str, object]]) -> ArrayRecord:
+    return ArrayRecord({name: Array(value) for name, value in parameters})
+
+
+class DeviceGrid(Grid):
+    """A Flower Grid whose nodes are devices connected to the gateway."""
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        board: TaskBoard,
+        store: ModelStore,
+        run_id: int,
+        task_timeout_s: float = 600.0,
+        round_offset: int = 0,
+    ) -> None:
+        self.registry = registry
+        self.board = board
+        self.store = store
+        self.task_timeout_s = task_timeout_s
+        self.round_offset = round_offset
+        self._run = Run.create_empty(run_id)
+        self._lock = threading.Lock()
+        self._pushed: dict[str, tuple[Message, Task]] = {}  # message id -> (instruction, task)
+        self.history: list[ExchangeStats] = []
+
+    # -- Grid API -----------------------------------------------------------------------------
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.registry.live_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        models: dict[int, RoundModel] = {}  # by id() of the ArrayRecord: strategies share one
+        ids = []
+        for message in messages:
+            task = self._assign(message, models)
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's own grids
+            with self._lock:
+                self._pushed[message.metadata.message_id] = (message, task)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        with self._lock:
+            wanted = {i: self._pushed[i] for i in message_ids if i in self._pushed}
+        ended = {t.task_id: t for t in self.board.take(task.task_id for _, task in wanted.values())}
+        replies = []
+        for message_id, (message, task) in wanted.items():
+            done = ended.get(task.task_id)
+            if done is None:
+                continue
+            with self._lock:
+                del self._pushed[message_id]
+            replies.append(self._reply(message, done))
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        start = time.monotonic()
+        messages = list(messages)
+        if not messages:
+            return []
+        ids = list(self.push_messages(messages))
+        with self._lock:
+            tasks = [self._pushed[i][1] for i in ids]
+        stats = ExchangeStats(kind=tasks[0].kind, round=tasks[0].round, sampled=len(tasks))
+        log.info("round %d: %s task sent to %d device(s)", stats.round, stats.kind, stats.sampled)
+        wait_s = self.task_timeout_s if timeout is None else min(timeout, self.task_timeout_s)
+        task_ids = [t.task_id for t in tasks]
+        self.board.wait(task_ids, wait_s, self.registry.is_live)
+        self.board.close(task_ids, "round closed")
+        replies = list(self.pull_messages(ids))
+        weighted_accuracy = 0.0
+        for reply in replies:
+            if reply.has_error():
+                stats.failed += 1
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            stats.reported += 1
+            stats.examples += int(metrics["num-examples"])
+            weighted_accuracy += float(metrics["accuracy"]) * int(metrics["num-examples"])
+        if stats.examples:
+            stats.accuracy = weighted_accuracy / stats.examples
+        stats.seconds = time.monotonic() - start
+        self.history.append(stats)
+        log.info(
+            "round %d: %s closed: %d reported, %d failed, %d examples, %.1f s",
+            stats.round, stats.kind, stats.reported, stats.failed, stats.examples, stats.seconds,
+        )  # fmt: skip
+        return replies
+
+    # -- translation --------------------------------------------------------------------------
+
+    def _assign(self, message: Message, models: dict[int, RoundModel]) -> Task:
+        content = message.content
+        kind = message.metadata.message_type
+        if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
+            raise ValueError(f"devices only train and evaluate; got a '{kind}' message")
+        arrays = next(iter(content.array_records.values()))
+        config = next(iter(content.config_records.values()), ConfigRecord())
+        server_round = int(config.get(ROUND_KEY, 0)) + self.round_offset
+        # Train tasks ship the previous round's aggregate; evaluate tasks this round's.
+        version = server_round - 1 if kind == MessageType.TRAIN else server_round
+        model = models.get(id(arrays))
+        if model is None:
+            model = self.store.build(arrays_to_parameters(arrays), version=max(version, 0))
+            models[id(arrays)] = model
+        task_config = None
+        if kind == MessageType.TRAIN:
+            task_config = TaskConfig(
+                epochs=int(config[EPOCHS_KEY]),
+                batch_size=int(config[BATCH_SIZE_KEY]),
+                learning_rate=float(config[LEARNING_RATE_KEY]),
+            )
+        task = self.board.assign(
+            message.metadata.dst_node_id,
+            "train" if kind == MessageType.TRAIN else "evaluate",
+            server_round,
+            model,
+            task_config,
+            self.task_timeout_s,
+        )
+        return task
+
+    def _reply(self, message: Message, task: Task) -> Message:
+        result = task.result
+        if task.status != "submitted" or result is None:
+            reply = Message(Error(DEVICE_FAILED, task.failure or "no result"), reply_to=message)
+        elif isinstance(result, UpdateResult):
+            metrics = MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "loss": result.loss,
+                    "accuracy": result.accuracy,
+                    "train-seconds": result.train_seconds,
+                }
+            )
+            content = RecordDict(
+                {"arrays": parameters_to_arrays(result.parameters), "metrics": metrics}
+            )
+            reply = Message(content, reply_to=message)
+        else:
+            assert isinstance(result, EvaluationResult)
+            metrics = MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "loss": result.loss,
+                    "accuracy": result.accuracy,
+                }
+            )
+            reply = Message(RecordDict({"metrics": metrics}), reply_to=message)
+        reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        return reply

@@ -1,0 +1,105 @@
+"""Scripted protocol-level devices for coordinator tests: real gRPC, no training.
+
+Each device speaks the wire protocol exactly as the iOS app does, downloads and verifies the
+model, and submits parameters it derives from the model it received (received + its own offset)
+with a chosen example count, so a test knows precisely what every device sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
+from fedcoreml.ios_bridge.parameters import get_parameters
+from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
+from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+
+
+@dataclass
+class Submission:
+    round: int
+    num_examples: int
+    parameters: list[tuple[str, np.ndarray]]
+
+
+@dataclass
+class ScriptedDevice:
+    address: str
+    device_id: str
+    num_examples: int
+    offset: float  # added to every received parameter
+    die_in_round: int | None = None  # vanish after downloading this round's model
+    submissions: list[Submission] = field(default_factory=list)
+    evaluations: int = 0
+    finished: bool = False
+    error: BaseException | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self._run(stop)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+    def _run(self, stop: threading.Event) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = device_pb2_grpc.DeviceServiceStub(channel)
+            session = stub.Register(
+                device_pb2.RegisterRequest(device_id=self.device_id, platform="scripted")
+            ).session_id
+            while not stop.is_set():
+                reply = stub.GetTask(device_pb2.GetTaskRequest(session_id=session))
+                kind = reply.WhichOneof("task")
+                if kind == "wait":
+                    time.sleep(reply.wait.retry_after_ms / 1000)
+                elif kind == "finished":
+                    self.finished = True
+                    return
+                elif kind == "train":
+                    task = reply.train
+                    model = download(stub, session, task.task_id, task.model)
+                    if self.die_in_round == task.round:
+                        return  # the phone vanished mid-task
+                    received = get_parameters(spec_from_bytes(model))
+                    sent = [(n, (v + np.float32(self.offset)).astype(np.float32))
+                            for n, v in received]  # fmt: skip
+                    header = UpdateHeader(session, task.task_id, self.num_examples, 0.5, 0.5, 0.1)
+                    stub.SubmitUpdate(encode_update(header, sent, chunk_bytes=512 * 1024))
+                    self.submissions.append(Submission(task.round, self.num_examples, sent))
+                elif kind == "evaluate":
+                    task = reply.evaluate
+                    download(stub, session, task.task_id, task.model)
+                    stub.SubmitEvaluation(
+                        device_pb2.SubmitEvaluationRequest(
+                            session_id=session,
+                            task_id=task.task_id,
+                            num_examples=self.num_examples,
+                            loss=0.3,
+                            accuracy=0.8,
+                        )  # fmt: skip
+                    )
+                    self.evaluations += 1
+
+
+def download(stub, session: str, task_id: str, ref: device_pb2.ModelRef) -> bytes:
+    data = b"".join(
+        chunk.data
+        for chunk in stub.DownloadModel(
+            device_pb2.DownloadModelRequest(session_id=session, task_id=task_id)
+        )
+    )
+    assert len(data) == ref.size_bytes and hashlib.sha256(data).hexdigest() == ref.sha256
+    return data
+
+
+def start_devices(devices: list[ScriptedDevice]) -> tuple[threading.Event, list[threading.Thread]]:
+    stop = threading.Event()
+    threads = [threading.Thread(target=d.run, args=(stop,), daemon=True) for d in devices]
+    for thread in threads:
+        thread.start()
+    return stop, threads

@@ -1,0 +1,121 @@
+"""The coordinator end to end over real sockets on 127.0.0.1, with Flower's strategies."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from protocol_devices import ScriptedDevice, start_devices
+
+from fedcoreml.ios_bridge.mlmodel_io import load_spec
+from fedcoreml.ios_bridge.parameters import get_parameters
+from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
+
+
+def run_coordinator(tmp_path, devices_spec, **overrides):
+    settings = {
+        "run_dir": tmp_path / "run",
+        "rounds": 2,
+        "min_devices": len(devices_spec),
+        "round_timeout": 30,
+        "session_ttl": 3,
+        "poll_interval_ms": 50,
+        **overrides,
+    }
+    config = CoordinatorConfig(**settings)
+    coordinator = Coordinator(config)
+    port = coordinator.start()
+    devices = [
+        ScriptedDevice(f"127.0.0.1:{port}", f"phone-{i}", n, offset, die)
+        for i, (n, offset, die) in enumerate(devices_spec)
+    ]
+    stop, threads = start_devices(devices)
+    try:
+        final = coordinator.run()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        coordinator.stop()
+    for device in devices:
+        assert device.error is None, device.error
+    return coordinator, devices, final
+
+
+def weighted_mean(submissions):
+    total = sum(s.num_examples for s in submissions)
+    names = [n for n, _ in submissions[0].parameters]
+    return {
+        name: sum(dict(s.parameters)[name].astype(np.float64) * s.num_examples
+                  for s in submissions) / total
+        for name in names
+    }  # fmt: skip
+
+
+def test_fedavg_is_the_examples_weighted_mean_of_what_devices_sent(tmp_path):
+    spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, None)]
+    coordinator, devices, final = run_coordinator(tmp_path, spec, fraction_evaluate=1.0)
+    run = tmp_path / "run"
+    for round_number in (1, 2):
+        sent = [s for d in devices for s in d.submissions if s.round == round_number]
+        assert len(sent) == 3
+        expected = weighted_mean(sent)
+        shipped = dict(
+            get_parameters(load_spec(run / "models" / f"round-{round_number:04d}.mlmodel"))
+        )
+        for name, value in expected.items():
+            np.testing.assert_allclose(shipped[name], value, rtol=1e-6, atol=1e-7)
+    # round 2 trained on exactly the model of round 1 that the server shipped
+    round1 = dict(get_parameters(load_spec(run / "models" / "round-0001.mlmodel")))
+    first_r2 = next(s for s in devices[0].submissions if s.round == 2)
+    for name, value in first_r2.parameters:
+        np.testing.assert_array_equal(value, (round1[name] + np.float32(0.01)).astype(np.float32))
+    assert load_spec(final) == load_spec(run / "models" / "round-0002.mlmodel")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert lines[1]["devices_sampled"] == 3 and lines[1]["devices_reported"] == 3
+    assert lines[1]["examples"] == 1000 and lines[2]["evaluated_devices"] == 3
+    assert all(d.finished for d in devices)
+    assert json.loads((run / "run.json").read_text())["strategy"] == "fedavg"
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedmedian"])
+def test_other_flower_strategies_drive_the_devices(tmp_path, strategy):
+    spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, None)]
+    coordinator, devices, _ = run_coordinator(tmp_path, spec, strategy=strategy)
+    run = tmp_path / "run"
+    r0 = dict(get_parameters(load_spec(run / "models" / "round-0000.mlmodel")))
+    r1 = dict(get_parameters(load_spec(run / "models" / "round-0001.mlmodel")))
+    sent = [s for d in devices for s in d.submissions if s.round == 1]
+    if strategy == "fedmedian":
+        # the coordinate-wise median of received + {0.01, -0.02, 0.05} is received + 0.01
+        for name, value in r0.items():
+            np.testing.assert_allclose(r1[name], value + np.float32(0.01), atol=1e-6)
+    elif strategy == "fedavgm":
+        # no server momentum by default: FedAvgM with lr 1 and momentum 0 is FedAvg
+        expected = weighted_mean(sent)
+        for name, value in expected.items():
+            np.testing.assert_allclose(r1[name], value, rtol=1e-5, atol=1e-6)
+    else:
+        # FedAdam's first server step (Flower defaults eta 0.1, beta1 0.9, beta2 0.99, tau 1e-3)
+        # on the pseudo-gradient delta = weighted mean of the device offsets = +0.025.
+        delta = (100 * 0.01 + 300 * -0.02 + 600 * 0.05) / 1000
+        eta_norm = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+        step = eta_norm * 0.1 * delta / (np.sqrt(0.01 * delta**2) + 1e-3)
+        for name, value in r0.items():
+            np.testing.assert_allclose(r1[name] - value, step, rtol=1e-3)
+
+
+def test_a_device_that_dies_mid_round_does_not_hang_the_run(tmp_path):
+    spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, 1)]  # the third dies in round 1
+    coordinator, devices, _ = run_coordinator(tmp_path, spec, min_devices=2, round_timeout=4)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["devices_sampled"] == 3
+    assert lines[1]["devices_reported"] == 2 and lines[1]["devices_failed"] == 1
+    sent = [s for d in devices for s in d.submissions if s.round == 1]
+    r1 = dict(get_parameters(load_spec(tmp_path / "run" / "models" / "round-0001.mlmodel")))
+    for name, value in weighted_mean(sent).items():
+        np.testing.assert_allclose(r1[name], value, rtol=1e-6, atol=1e-7)
+    assert lines[2]["devices_sampled"] == 2  # the dead device is no longer a node
