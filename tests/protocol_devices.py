@@ -81,7 +81,7 @@ class ScriptedDevice:
                             num_examples=self.num_examples,
                             loss=0.3,
                             accuracy=0.8,
-                        )  # fmt: skip
+                        )
                     )
                     self.evaluations += 1
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -56,7 +55,7 @@ def weighted_mean(submissions):
 
 def test_fedavg_is_the_examples_weighted_mean_of_what_devices_sent(tmp_path):
     spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, None)]
-    coordinator, devices, final = run_coordinator(tmp_path, spec, fraction_evaluate=1.0)
+    _coordinator, devices, final = run_coordinator(tmp_path, spec, fraction_evaluate=1.0)
     run = tmp_path / "run"
     for round_number in (1, 2):
         sent = [s for d in devices for s in d.submissions if s.round == round_number]
@@ -84,7 +83,7 @@ def test_fedavg_is_the_examples_weighted_mean_of_what_devices_sent(tmp_path):
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedmedian"])
 def test_other_flower_strategies_drive_the_devices(tmp_path, strategy):
     spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, None)]
-    coordinator, devices, _ = run_coordinator(tmp_path, spec, strategy=strategy)
+    _coordinator, devices, _ = run_coordinator(tmp_path, spec, strategy=strategy)
     run = tmp_path / "run"
     r0 = dict(get_parameters(load_spec(run / "models" / "round-0000.mlmodel")))
     r1 = dict(get_parameters(load_spec(run / "models" / "round-0001.mlmodel")))
@@ -110,7 +109,7 @@ def test_other_flower_strategies_drive_the_devices(tmp_path, strategy):
 
 def test_a_device_that_dies_mid_round_does_not_hang_the_run(tmp_path):
     spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, 1)]  # the third dies in round 1
-    coordinator, devices, _ = run_coordinator(tmp_path, spec, min_devices=2, round_timeout=4)
+    _coordinator, devices, _ = run_coordinator(tmp_path, spec, min_devices=2, round_timeout=4)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["devices_sampled"] == 3
     assert lines[1]["devices_reported"] == 2 and lines[1]["devices_failed"] == 1

@@ -1,0 +1,200 @@
+"""The gateway refuses bad requests with the right status, keeps serving, and stays clean."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from fedcoreml.ios_bridge.default_model import build_default_model
+from fedcoreml.ios_bridge.gateway.service import DeviceService, start_server
+from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
+from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard, TaskConfig
+from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
+from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
+from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
+from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+
+SPEC = build_default_model(seed=0)
+PARAMS = get_parameters(SPEC)
+MODEL = RoundModel.from_bytes(0, spec_to_bytes(SPEC))
+CONFIG = TaskConfig(epochs=1, batch_size=32, learning_rate=1e-3)
+
+
+class Gateway:
+    def __init__(self) -> None:
+        self.registry = SessionRegistry(idle_ttl_s=30)
+        self.board = TaskBoard()
+        service = DeviceService(self.registry, self.board, parameter_infos(SPEC), 50)
+        self.server, port = start_server(service, "127.0.0.1:0")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
+
+    def register(self, device_id: str) -> tuple[str, int]:
+        session = self.stub.Register(device_pb2.RegisterRequest(device_id=device_id)).session_id
+        return session, self.registry.touch(session).node_id
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0).wait()
+
+
+@pytest.fixture
+def gw():
+    gateway = Gateway()
+    yield gateway
+    gateway.close()
+
+
+def submit(gw, session, task_id, params=PARAMS, examples=100, loss=0.5, accuracy=0.5):
+    header = UpdateHeader(session, task_id, examples, loss, accuracy, 1.0)
+    return gw.stub.SubmitUpdate(encode_update(header, params))
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_a_full_valid_exchange(gw):
+    session, node = gw.register("phone-a")
+    reply = gw.stub.GetTask(device_pb2.GetTaskRequest(session_id=session))
+    assert reply.WhichOneof("task") == "wait" and reply.wait.retry_after_ms == 50
+    task = gw.board.assign(node, "train", 1, MODEL, CONFIG, 30)
+    reply = gw.stub.GetTask(device_pb2.GetTaskRequest(session_id=session))
+    assert reply.train.task_id == task.task_id and reply.train.config.batch_size == 32
+    assert reply.train.model.sha256 == MODEL.sha256
+    chunks = list(gw.stub.DownloadModel(device_pb2.DownloadModelRequest(
+        session_id=session, task_id=task.task_id)))  # fmt: skip
+    assert b"".join(c.data for c in chunks) == MODEL.data
+    assert all(len(c.data) <= 1024 * 1024 for c in chunks)
+    resumed = list(gw.stub.DownloadModel(device_pb2.DownloadModelRequest(
+        session_id=session, task_id=task.task_id, offset=1_500_000)))  # fmt: skip
+    assert b"".join(c.data for c in resumed) == MODEL.data[1_500_000:]
+    assert submit(gw, session, task.task_id).accepted
+    done = gw.board.take([task.task_id])[0]
+    assert done.status == "submitted" and done.result.num_examples == 100
+
+
+def _nan_params():
+    params = [(n, v.copy()) for n, v in PARAMS]
+    params[0][1][0, 0, 0, 0] = np.nan
+    return params
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("unknown session", "NOT_FOUND", "unknown or expired session"),
+        ("unknown task", "NOT_FOUND", "unknown task id"),
+        ("another device's task", "PERMISSION_DENIED", "was given to another device"),
+        ("evaluate task", "FAILED_PRECONDITION", "is a evaluate task, not a train task"),
+        ("closed round", "FAILED_PRECONDITION", "is closed (round closed)"),
+        ("submitted twice", "FAILED_PRECONDITION", "was already submitted"),
+        ("missing layer", "INVALID_ARGUMENT", "missing tensor(s): hidden2.bias"),
+        ("wrong shape", "INVALID_ARGUMENT", "expected shape [500, 1152], got [1152, 500]"),
+        ("NaN", "INVALID_ARGUMENT", "non-finite value(s)"),
+        ("zero examples", "INVALID_ARGUMENT", "num_examples must be positive"),
+        ("absurd examples", "INVALID_ARGUMENT", "is implausible"),
+        ("NaN loss", "INVALID_ARGUMENT", "loss must be a finite"),
+        ("accuracy 1.5", "INVALID_ARGUMENT", "accuracy must lie in [0, 1]"),
+    ],
+)
+def test_bad_submissions_are_refused_and_leave_the_task_untouched(gw, case, code, message):
+    session, node = gw.register("phone-a")
+    other_session, _other_node = gw.register("phone-b")
+    task = gw.board.assign(node, "train", 1, MODEL, CONFIG, 30)
+    task_id, sender, params, extra = task.task_id, session, PARAMS, {}
+    if case == "unknown session":
+        sender = "nope"
+    elif case == "unknown task":
+        task_id = "nope"
+    elif case == "another device's task":
+        sender = other_session
+    elif case == "evaluate task":
+        task_id = gw.board.assign(node, "evaluate", 1, MODEL, None, 30).task_id
+    elif case == "closed round":
+        gw.board.close([task_id], "round closed")
+    elif case == "submitted twice":
+        submit(gw, session, task_id)
+    elif case == "missing layer":
+        params = PARAMS[:-1]
+    elif case == "wrong shape":
+        params = [(n, v.T.copy() if n == "hidden1.weights" else v) for n, v in PARAMS]
+    elif case == "NaN":
+        params = _nan_params()
+    elif case == "zero examples":
+        extra = {"examples": 0}
+    elif case == "absurd examples":
+        extra = {"examples": 10**12}
+    elif case == "NaN loss":
+        extra = {"loss": float("nan")}
+    elif case == "accuracy 1.5":
+        extra = {"accuracy": 1.5}
+    got_code, details = status_of(lambda: submit(gw, sender, task_id, params, **extra))
+    assert got_code.name == code and message in details
+    state = gw.board._tasks.get(task.task_id)
+    if case == "submitted twice":
+        assert state.result is not None and state.result.num_examples == 100  # the first one
+    elif case == "closed round":
+        assert state.status == "failed" and state.result is None
+    else:
+        assert state.status == "pending" and state.result is None
+    # still serving: a valid submission from the same device now goes through
+    if state.status == "pending":
+        assert submit(gw, session, task.task_id).accepted
+
+
+def test_download_errors(gw):
+    session, node = gw.register("phone-a")
+    other, _ = gw.register("phone-b")
+    task = gw.board.assign(node, "train", 1, MODEL, CONFIG, 30)
+
+    def download(session_id, task_id, offset=0):
+        return list(gw.stub.DownloadModel(device_pb2.DownloadModelRequest(
+            session_id=session_id, task_id=task_id, offset=offset)))  # fmt: skip
+
+    code, details = status_of(lambda: download(session, task.task_id, len(MODEL.data) + 1))
+    assert code == grpc.StatusCode.OUT_OF_RANGE and "past the end" in details
+    code, _ = status_of(lambda: download(other, task.task_id))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    code, _ = status_of(lambda: download(session, "missing"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_evaluation_checks(gw):
+    session, node = gw.register("phone-a")
+    task = gw.board.assign(node, "evaluate", 1, MODEL, None, 30)
+
+    def evaluate(**kw):
+        fields = {"session_id": session, "task_id": task.task_id, "num_examples": 10,
+                  "loss": 0.2, "accuracy": 0.9, **kw}  # fmt: skip
+        return gw.stub.SubmitEvaluation(device_pb2.SubmitEvaluationRequest(**fields))
+
+    code, _ = status_of(lambda: evaluate(accuracy=-0.1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert evaluate().accepted
+    code, _ = status_of(lambda: evaluate())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_register_validates_the_device_id(gw):
+    code, details = status_of(lambda: gw.stub.Register(device_pb2.RegisterRequest(device_id="")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "device_id" in details
+
+
+def test_idle_devices_expire_and_must_register_again():
+    clock = [0.0]
+    registry = SessionRegistry(idle_ttl_s=5, clock=lambda: clock[0])
+    session = registry.register("phone")
+    assert registry.live_node_ids() == [session.node_id]
+    clock[0] = 6.0
+    assert registry.live_node_ids() == []
+    with pytest.raises(Exception, match="unknown or expired session"):
+        registry.touch(session.session_id)
+    again = registry.register("phone")
+    assert again.node_id == session.node_id and registry.live_node_ids() == [session.node_id]
+    registry.hold(session.node_id, until=20.0)
+    clock[0] = 15.0
+    assert registry.is_live(session.node_id)  # working on a task
