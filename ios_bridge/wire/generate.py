@@ -10,6 +10,7 @@ carries that name is rewritten to this package so the stubs live inside ``fedcor
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,10 +25,12 @@ _PACKAGE_IMPORT = "from fedcoreml.ios_bridge.wire import device_pb2"
 
 def generate(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
     """Fresh stub contents, by file name."""
-    from grpc_tools import protoc
-
     with tempfile.TemporaryDirectory() as out:
-        args = [
+        # protoc runs in its own process: in-process it can crash next to other native
+        # protobuf runtimes (TensorFlow's) already loaded.
+        command = [
+            sys.executable,
+            "-m",
             "grpc_tools.protoc",
             f"-I{proto_root}",
             f"--python_out={out}",
@@ -35,8 +38,9 @@ def generate(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
             f"--grpc_python_out={out}",
             str(proto_root / PROTO_FILE),
         ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {proto_root / PROTO_FILE}")
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"protoc failed on {proto_root / PROTO_FILE}: {result.stderr}")
         produced = Path(out) / Path(PROTO_FILE).parent
         return {
             name: (produced / name).read_text().replace(_PROTOC_IMPORT, _PACKAGE_IMPORT).encode()
