@@ -1,0 +1,145 @@
+"""``fedcoreml devices``: run a fleet of simulated iPhones against a coordinator."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedcoreml.ios_bridge.errors import FedCoreMLError
+
+
+class DevicesArgumentError(FedCoreMLError):
+    """An option of ``fedcoreml devices`` out of range."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    devices = subparsers.add_parser(
+        "devices",
+        help="run simulated iPhones against a coordinator",
+        description=(
+            "Start N simulated iPhones, each with its own partition of a data set (10% of it "
+            "held out for evaluation), that speak the device protocol to the coordinator at "
+            "--server: register, fetch tasks, train or evaluate with the Core ML emulator and "
+            "submit, until the run is finished. Prints one line per device at the end."
+        ),
+    )
+    devices.add_argument("--server", required=True, metavar="HOST:PORT", help="coordinator")
+    devices.add_argument("--count", type=int, required=True, metavar="N", help="devices to run")
+    devices.add_argument(
+        "--data-dir",
+        default=None,
+        help="IDX directory, mnist.npz, 'sample' (bundled MNIST sample, the default) "
+        "or 'mnist-download'",
+    )
+    devices.add_argument(
+        "--partition",
+        default="iid",
+        help="how to split the training set: iid (default), dirichlet:ALPHA or shards:K",
+    )
+    devices.add_argument("--seed", type=int, default=0, help="seed for data and behaviour")
+    devices.add_argument(
+        "--drop-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of the devices that drop out (vanish after a download, never submit)",
+    )
+    devices.add_argument(
+        "--drop-probability",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="per-task chance that a dropping device drops out (default 1: at its first task)",
+    )
+    devices.add_argument(
+        "--slow-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of the devices that straggle (sleep --slow-seconds before submitting)",
+    )
+    devices.add_argument("--slow-seconds", type=float, default=0.0, metavar="S")
+    devices.add_argument(
+        "--give-up-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="stop retrying an unreachable coordinator after this long (default 300)",
+    )
+    devices.add_argument(
+        "--concurrent-training",
+        type=int,
+        default=1,
+        metavar="K",
+        help="devices that may train at once (default 1: TensorFlow already uses every core)",
+    )
+    devices.add_argument(
+        "--device-prefix", default="sim", help="device ids are PREFIX-000, PREFIX-001, ..."
+    )
+    devices.add_argument("-v", "--verbose", action="store_true", help="log every poll, too")
+    devices.set_defaults(handler=_devices)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.count < 1:
+        raise DevicesArgumentError(f"--count must be at least 1, got {args.count}")
+    if args.slow_fraction > 0 and args.slow_seconds <= 0:
+        raise DevicesArgumentError("--slow-fraction needs --slow-seconds greater than 0")
+    if args.slow_seconds < 0:
+        raise DevicesArgumentError(f"--slow-seconds must be >= 0, got {args.slow_seconds}")
+    if not 0.0 <= args.drop_probability <= 1.0:
+        raise DevicesArgumentError(
+            f"--drop-probability must lie in [0, 1], got {args.drop_probability}"
+        )
+    for option in ("drop_fraction", "slow_fraction"):
+        value = getattr(args, option)
+        if not 0.0 <= value <= 1.0:
+            flag = "--" + option.replace("_", "-")
+            raise DevicesArgumentError(f"{flag} must lie in [0, 1], got {value}")
+    if args.give_up_after <= 0:
+        raise DevicesArgumentError(f"--give-up-after must be > 0, got {args.give_up_after}")
+    if args.concurrent_training < 1:
+        raise DevicesArgumentError(
+            f"--concurrent-training must be at least 1, got {args.concurrent_training}"
+        )
+
+
+def _devices(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedcoreml.client_sim.data import load_dataset
+    from fedcoreml.client_sim.device import RetryPolicy
+    from fedcoreml.client_sim.fleet import (
+        FleetOptions,
+        partition_dataset,
+        pick_devices,
+        run_fleet,
+    )
+
+    _check(args)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("fedcoreml").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    data = load_dataset(args.data_dir)
+    shares = partition_dataset(data, args.count, args.partition, args.seed)
+    options = FleetOptions(
+        seed=args.seed,
+        drop_devices=pick_devices(args.count, args.drop_fraction, args.seed, "drop"),
+        drop_probability=args.drop_probability,
+        slow_devices=pick_devices(args.count, args.slow_fraction, args.seed, "slow"),
+        slowdown_seconds=args.slow_seconds,
+        max_concurrent_training=args.concurrent_training,
+        retry=RetryPolicy(give_up_after=args.give_up_after),
+        device_id_prefix=args.device_prefix,
+    )
+    print(
+        f"Running {args.count} simulated device(s) against {args.server} on {data.name} "
+        f"({args.partition}, seed {args.seed}): {len(options.drop_devices)} dropping out, "
+        f"{len(options.slow_devices)} slow",
+        flush=True,
+    )
+    stats = run_fleet(args.server, shares, options)
+    for entry in stats:
+        print(entry.summary())
+    failed = [entry for entry in stats if entry.error is not None]
+    if failed:
+        print(f"{len(failed)} of {len(stats)} device(s) ended with an error")
+    return 1 if failed else 0

@@ -1,0 +1,201 @@
+"""A fleet of simulated iPhones: N devices, each with its own slice of a data set, in threads.
+
+:func:`partition_dataset` splits a training set across devices with
+:func:`~fedcoreml.client_sim.partition.partition_indices` and keeps 10% of each device's share
+aside (seeded) as its held-out split for evaluate tasks. :func:`run_fleet` runs one
+:class:`~fedcoreml.client_sim.device.SimulatedDevice` per share in its own thread, each on its
+own gRPC channel to the coordinator, and returns their stats once all have finished (or the stop
+event was set). :func:`pick_devices` chooses which devices drop out or straggle.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from fedcoreml.client_sim.data import Dataset
+from fedcoreml.client_sim.device import (
+    DeviceData,
+    DeviceError,
+    DeviceStats,
+    RetryPolicy,
+    SimulatedDevice,
+)
+from fedcoreml.client_sim.partition import PartitionSpec, partition_indices
+from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.tensor_codec import MAX_MESSAGE_BYTES
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "FleetError",
+    "FleetOptions",
+    "device_seed",
+    "partition_dataset",
+    "pick_devices",
+    "run_fleet",
+    "split_holdout",
+]
+
+log = logging.getLogger("fedcoreml.device")
+
+#: The message limits a phone's gRPC stack has (grpc-swift's default), both ways.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+_JOIN_POLL_SECONDS = 0.2
+
+
+class FleetError(FedCoreMLError):
+    """A fleet that cannot be built as asked (too little data, a bad fraction)."""
+
+
+def split_holdout(x: np.ndarray, y: np.ndarray, fraction: float = 0.1, seed: int = 0) -> DeviceData:
+    """Split one device's examples into training and held-out parts (seeded, random order).
+
+    The held-out part is ``round(fraction * n)`` examples, but at least one, and at least one
+    example is left for training, so a device needs two or more examples.
+    """
+    n = len(y)
+    if n < 2:
+        raise FleetError(f"a device needs at least 2 examples (train + held-out), got {n}")
+    if not 0.0 < fraction < 1.0:
+        raise FleetError(f"the held-out fraction must lie strictly in (0, 1), got {fraction}")
+    held_out = min(n - 1, max(1, round(fraction * n)))
+    order = np.random.default_rng(seed).permutation(n)
+    train, held = order[held_out:], order[:held_out]
+    return DeviceData(x_train=x[train], y_train=y[train], x_eval=x[held], y_eval=y[held])
+
+
+def device_seed(seed: int, index: int) -> int:
+    """The seed of device ``index`` in a fleet seeded with ``seed``."""
+    return seed * 1_000_003 + index
+
+
+def partition_dataset(
+    dataset: Dataset,
+    count: int,
+    partition: PartitionSpec | str = "iid",
+    seed: int = 0,
+    holdout_fraction: float = 0.1,
+) -> list[DeviceData]:
+    """Each of ``count`` devices' data: its partition of the training set, split for held-out."""
+    parts = partition_indices(dataset.y_train, count, partition, seed)
+    result = []
+    for index, part in enumerate(parts):
+        if len(part) < 2:
+            raise FleetError(
+                f"device {index} got {len(part)} example(s) from the {partition} partition; "
+                "each needs at least 2 (use fewer devices, more data or another partition)"
+            )
+        x, y = dataset.x_train[part], dataset.y_train[part]
+        result.append(split_holdout(x, y, holdout_fraction, device_seed(seed, index)))
+    return result
+
+
+def pick_devices(count: int, fraction: float, seed: int = 0, purpose: str = "") -> frozenset[int]:
+    """``round(fraction * count)`` device indices, chosen at random (seeded by seed and purpose).
+
+    Different ``purpose`` strings ("drop", "slow") give independent choices for the same seed.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise FleetError(f"a fraction of devices must lie in [0, 1], got {fraction}")
+    k = round(fraction * count)
+    rng = np.random.default_rng([seed, zlib.crc32(purpose.encode())])
+    return frozenset(int(i) for i in rng.choice(count, size=k, replace=False))
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """How the devices of a fleet behave.
+
+    ``drop_devices`` drop out with ``drop_probability`` per task (after downloading a model);
+    ``slow_devices`` sleep ``slowdown_seconds`` before each submission. At most
+    ``max_concurrent_training`` devices train or evaluate at once.
+    """
+
+    seed: int = 0
+    drop_devices: Collection[int] = frozenset()
+    drop_probability: float = 1.0
+    slow_devices: Collection[int] = frozenset()
+    slowdown_seconds: float = 0.0
+    max_concurrent_training: int = 1
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    device_id_prefix: str = "sim"
+
+    def device_id(self, index: int) -> str:
+        return f"{self.device_id_prefix}-{index:03d}"
+
+
+def run_fleet(
+    address: str,
+    data: Sequence[DeviceData],
+    options: FleetOptions | None = None,
+    stop: threading.Event | None = None,
+) -> list[DeviceStats]:
+    """Run one device per entry of ``data`` against the coordinator at ``address`` (HOST:PORT).
+
+    Returns every device's stats, in order, once all have finished, dropped out, given up or
+    been stopped. A device that gives up has ``stats.error`` set; the others go on.
+    """
+    options = options or FleetOptions()
+    if options.max_concurrent_training < 1:
+        raise FleetError(
+            f"max_concurrent_training must be at least 1, got {options.max_concurrent_training}"
+        )
+    stop = stop if stop is not None else threading.Event()
+    slots = threading.Semaphore(options.max_concurrent_training)
+    channels = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in data]
+    devices = [
+        SimulatedDevice(
+            channel,
+            options.device_id(index),
+            device_data,
+            seed=device_seed(options.seed, index),
+            training_slots=slots,
+            stop=stop,
+            retry=options.retry,
+            drop_probability=options.drop_probability if index in options.drop_devices else 0.0,
+            slowdown_seconds=options.slowdown_seconds if index in options.slow_devices else 0.0,
+        )
+        for index, (channel, device_data) in enumerate(zip(channels, data, strict=True))
+    ]
+    threads = [
+        threading.Thread(target=_run_device, args=(device,), name=device.device_id, daemon=True)
+        for device in devices
+    ]
+    log.info("starting %d simulated device(s) against %s", len(devices), address)
+    try:
+        for thread in threads:
+            thread.start()
+        _join_all(threads)
+    except BaseException:
+        stop.set()  # e.g. Ctrl+C: let every device end promptly
+        _join_all(threads)
+        raise
+    finally:
+        for channel in channels:
+            channel.close()
+    return [device.stats for device in devices]
+
+
+def _run_device(device: SimulatedDevice) -> None:
+    try:
+        device.run()
+    except DeviceError:
+        pass  # logged and recorded in device.stats.error by the device itself
+    except Exception as exc:  # a bug: record it, and let the other devices go on
+        log.exception("%s: crashed", device.device_id)
+        device.stats.error = f"crashed: {exc!r}"
+
+
+def _join_all(threads: Sequence[threading.Thread]) -> None:
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(_JOIN_POLL_SECONDS)

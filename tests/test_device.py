@@ -1,0 +1,415 @@
+"""Simulated devices against an in-test fake coordinator, served by a real gRPC server.
+
+The fake follows protos/README.md: it registers devices, hands out a scripted sequence of
+GetTask answers per device, serves each task's model in chunks and checks submitted updates with
+the strict decoder. Knobs on it inject the failures the contract describes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import model_zoo
+import numpy as np
+import pytest
+
+from fedcoreml.client_sim.data import Dataset, load_bundled_sample
+from fedcoreml.client_sim.device import (
+    DeviceData,
+    DeviceError,
+    DeviceStats,
+    RetryPolicy,
+    SimulatedDevice,
+    architecture_key,
+    task_seed,
+)
+from fedcoreml.client_sim.emulator import CoreMLEmulator
+from fedcoreml.client_sim.fleet import (
+    CHANNEL_OPTIONS,
+    FleetOptions,
+    partition_dataset,
+    pick_devices,
+    run_fleet,
+    split_holdout,
+)
+from fedcoreml.ios_bridge.default_model import build_default_model
+from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes, spec_to_bytes
+from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
+from fedcoreml.ios_bridge.tensor_codec import MalformedUpdateError, decode_update
+from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+
+FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, give_up_after=5.0, rpc_timeout=20.0)
+DEVICE_SEED = 7
+CHUNK = 256 * 1024  # the default model (2.3 MB) comes in 9 chunks
+WATCHDOG_SECONDS = 60.0
+
+MODEL_0 = spec_to_bytes(build_default_model(seed=0))
+MODEL_1 = spec_to_bytes(build_default_model(seed=1))  # same architecture, other parameters
+
+
+# -- the fake coordinator ---------------------------------------------------------------------
+
+
+def model_ref(model: bytes, version: int = 0, sha256: str | None = None) -> device_pb2.ModelRef:
+    digest = sha256 if sha256 is not None else hashlib.sha256(model).hexdigest()
+    return device_pb2.ModelRef(version=version, sha256=digest, size_bytes=len(model))
+
+
+def train(task_id: str, model: bytes, round_: int = 1, sha256: str | None = None):
+    return device_pb2.GetTaskResponse(
+        train=device_pb2.TrainTask(
+            task_id=task_id,
+            round=round_,
+            model=model_ref(model, round_ - 1, sha256),
+            config=device_pb2.TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3),
+            deadline_ms=60_000,
+        )
+    )
+
+
+def evaluate(task_id: str, model: bytes, round_: int = 1):
+    return device_pb2.GetTaskResponse(
+        evaluate=device_pb2.EvaluateTask(
+            task_id=task_id, round=round_, model=model_ref(model, round_), deadline_ms=60_000
+        )
+    )
+
+
+def wait(millis: int) -> device_pb2.GetTaskResponse:
+    return device_pb2.GetTaskResponse(wait=device_pb2.Wait(retry_after_ms=millis, reason="test"))
+
+
+class FakeCoordinator(device_pb2_grpc.DeviceServiceServicer):
+    """Each device gets its own copy of ``script``; then ``finished``."""
+
+    def __init__(self, script: list[device_pb2.GetTaskResponse], models: dict[str, bytes]):
+        self._lock = threading.Lock()
+        self._script = script
+        self._models = models
+        self._infos = {
+            task_id: parameter_infos(spec_from_bytes(model)) for task_id, model in models.items()
+        }
+        self._scripts: dict[str, list[device_pb2.GetTaskResponse]] = {}
+        self._sessions: dict[str, str] = {}  # session id -> device id
+        self.registrations: list[device_pb2.RegisterRequest] = []
+        self.get_task_calls = 0
+        self.download_offsets: list[tuple[str, int]] = []
+        self.updates: dict[tuple[str, str], tuple] = {}  # (device, task) -> (header, params)
+        self.evaluations: dict[tuple[str, str], device_pb2.SubmitEvaluationRequest] = {}
+        # failure injection
+        self.get_task_faults: list[grpc.StatusCode] = []  # abort the next GetTask calls
+        self.forget_sessions = 0  # answer this many GetTask calls with NOT_FOUND
+        self.break_downloads = 0  # cut this many download streams after their first chunk
+        self.refuse_submissions: grpc.StatusCode | None = None
+
+    def _device(self, session_id: str, context: grpc.ServicerContext) -> str:
+        with self._lock:
+            device = self._sessions.get(session_id)
+        if device is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session '{session_id}'")
+        return device
+
+    def Register(self, request, context):  # noqa: N802 (gRPC names)
+        with self._lock:
+            self.registrations.append(request)
+            session = f"session-{len(self.registrations)}"
+            self._sessions[session] = request.device_id
+            self._scripts.setdefault(request.device_id, list(self._script))
+        pacing = device_pb2.PacingHints(
+            poll_interval_ms=20, max_message_bytes=4 << 20, chunk_bytes=CHUNK, session_ttl_ms=60_000
+        )
+        return device_pb2.RegisterResponse(session_id=session, pacing=pacing)
+
+    def GetTask(self, request, context):  # noqa: N802 (gRPC names)
+        with self._lock:
+            self.get_task_calls += 1
+            fault = self.get_task_faults.pop(0) if self.get_task_faults else None
+            forget = self.forget_sessions > 0
+            if forget:
+                self.forget_sessions -= 1
+                self._sessions.pop(request.session_id, None)
+        if fault is not None:
+            context.abort(fault, "injected fault")
+        device = self._device(request.session_id, context)
+        with self._lock:
+            script = self._scripts[device]
+            if script:
+                return script.pop(0)
+        return device_pb2.GetTaskResponse(finished=device_pb2.RunFinished(reason="done"))
+
+    def DownloadModel(self, request, context):  # noqa: N802 (gRPC names)
+        self._device(request.session_id, context)
+        model = self._models.get(request.task_id)
+        if model is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown task '{request.task_id}'")
+        if request.offset > len(model):
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, "offset past the end")
+        with self._lock:
+            self.download_offsets.append((request.task_id, request.offset))
+            cut = self.break_downloads > 0
+            self.break_downloads -= int(cut)
+        digest = hashlib.sha256(model).hexdigest()
+        for offset in range(request.offset, len(model), CHUNK):
+            yield device_pb2.ModelChunk(
+                offset=offset,
+                data=model[offset : offset + CHUNK],
+                total_size=len(model),
+                sha256=digest,
+            )
+            if cut:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "injected: connection lost")
+
+    def SubmitUpdate(self, request_iterator, context):  # noqa: N802 (gRPC names)
+        first = next(request_iterator)
+        device = self._device(first.header.session_id, context)
+        if self.refuse_submissions is not None:
+            context.abort(self.refuse_submissions, "injected refusal")
+        task_id = first.header.task_id
+        try:
+            header, params = decode_update(
+                itertools.chain([first], request_iterator), self._infos[task_id]
+            )
+        except MalformedUpdateError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        with self._lock:
+            self.updates[(device, task_id)] = (header, params)
+        return device_pb2.SubmitUpdateResponse(accepted=True, round=1)
+
+    def SubmitEvaluation(self, request, context):  # noqa: N802 (gRPC names)
+        device = self._device(request.session_id, context)
+        if self.refuse_submissions is not None:
+            context.abort(self.refuse_submissions, "injected refusal")
+        with self._lock:
+            self.evaluations[(device, request.task_id)] = request
+        return device_pb2.SubmitEvaluationResponse(accepted=True)
+
+
+@contextlib.contextmanager
+def serve(fake: FakeCoordinator) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def run_device(
+    fake: FakeCoordinator, data: DeviceData, stop: threading.Event | None = None, **kwargs
+) -> DeviceStats:
+    """Run one device to the end against ``fake``; a watchdog stops it if it hangs."""
+    stop = stop or threading.Event()
+    watchdog = threading.Timer(WATCHDOG_SECONDS, stop.set)
+    watchdog.start()
+    kwargs.setdefault("retry", FAST)
+    try:
+        with serve(fake) as address, grpc.insecure_channel(address, CHANNEL_OPTIONS) as channel:
+            device = SimulatedDevice(
+                channel, "phone-1", data, seed=DEVICE_SEED, stop=stop, **kwargs
+            )
+            return device.run()
+    finally:
+        watchdog.cancel()
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample() -> Dataset:
+    return load_bundled_sample()
+
+
+@pytest.fixture(scope="module")
+def data(sample) -> DeviceData:
+    return split_holdout(sample.x_train[:64], sample.y_train[:64], 0.1, seed=0)
+
+
+def reference_training(model: bytes, data: DeviceData, task_id: str):
+    emulator = CoreMLEmulator(spec_from_bytes(model))
+    return emulator.train(
+        data.x_train, data.y_train, epochs=1, batch_size=16, learning_rate=1e-3,
+        seed=task_seed(DEVICE_SEED, task_id),
+    )  # fmt: skip
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_split_holdout_keeps_a_tenth_aside(data):
+    assert (data.num_train, data.num_eval) == (58, 6)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_holdout(np.zeros((1, 1, 28, 28), np.float32), np.zeros(1, np.int64))
+
+
+def test_pick_devices_is_seeded_and_independent_per_purpose():
+    drop = pick_devices(20, 0.25, seed=3, purpose="drop")
+    assert len(drop) == 5 and drop == pick_devices(20, 0.25, seed=3, purpose="drop")
+    assert drop != pick_devices(20, 0.25, seed=3, purpose="slow")
+    assert pick_devices(20, 0.0) == frozenset()
+
+
+def test_architecture_key_ignores_parameters_only():
+    spec_0, spec_1 = build_default_model(seed=0), build_default_model(seed=1)
+    assert architecture_key(spec_0) == architecture_key(spec_1)
+    assert architecture_key(spec_0) != architecture_key(model_zoo.handwritten_mlp())
+
+
+def test_a_full_run_trains_evaluates_and_reuses_the_emulator(data):
+    script = [
+        wait(10),
+        train("t1", MODEL_0, round_=1),
+        evaluate("e1", MODEL_0, round_=1),
+        train("t2", MODEL_1, round_=2),
+    ]
+    fake = FakeCoordinator(script, {"t1": MODEL_0, "e1": MODEL_0, "t2": MODEL_1})
+    fake.break_downloads = 1  # the first download is cut after one chunk and must resume
+
+    stats = run_device(fake, data)
+
+    assert stats.finished and stats.error is None and not stats.dropped_out
+    assert (stats.tasks_trained, stats.tasks_evaluated, stats.failures) == (2, 1, 0)
+    assert stats.waits == 1 and stats.polls == 5
+    assert stats.models_built == 1  # one architecture, one Keras model
+    assert fake.download_offsets[:2] == [("t1", 0), ("t1", CHUNK)]
+    assert stats.retries == 1
+
+    for task_id, model in (("t1", MODEL_0), ("t2", MODEL_1)):
+        header, params = fake.updates[("phone-1", task_id)]
+        assert header.num_examples == data.num_train
+        assert np.isfinite(header.loss) and 0.0 <= header.accuracy <= 1.0
+        assert header.train_seconds > 0
+        sent = get_parameters(spec_from_bytes(model))
+        assert [name for name, _ in params] == [name for name, _ in sent]
+        assert any(not np.array_equal(got, before) for (_, got), (_, before) in
+                   zip(params, sent, strict=True))  # fmt: skip
+        expected = reference_training(model, data, task_id)
+        for (name, got), (_, want) in zip(params, expected.parameters, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+    evaluation = fake.evaluations[("phone-1", "e1")]
+    assert evaluation.num_examples == data.num_eval
+    assert 0.0 <= evaluation.accuracy <= 1.0 and np.isfinite(evaluation.loss)
+    fresh_loss, fresh_accuracy = CoreMLEmulator(spec_from_bytes(MODEL_0)).evaluate(
+        data.x_eval, data.y_eval
+    )  # the reused emulator really was loaded with the evaluated model's parameters
+    assert evaluation.accuracy == pytest.approx(fresh_accuracy)
+    assert evaluation.loss == pytest.approx(fresh_loss, rel=1e-4)
+    assert stats.last_accuracy == pytest.approx(fresh_accuracy)
+
+
+def test_it_waits_as_long_as_it_is_told(data):
+    fake = FakeCoordinator([wait(60), wait(60), wait(60)], {})
+    start = time.monotonic()
+    stats = run_device(fake, data)
+    assert stats.finished and stats.waits == 3
+    assert fake.get_task_calls == 4
+    assert time.monotonic() - start >= 0.18
+
+
+def test_it_registers_again_when_the_session_is_unknown(data):
+    fake = FakeCoordinator([wait(10)], {})
+    fake.forget_sessions = 1
+    stats = run_device(fake, data)
+    assert stats.finished
+    assert [r.device_id for r in fake.registrations] == ["phone-1", "phone-1"]
+    assert fake.registrations[0].platform == "simulated"
+    assert stats.registrations == 2
+
+
+def test_it_retries_unavailable_and_deadline_exceeded(data):
+    fake = FakeCoordinator([], {})
+    fake.get_task_faults = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED]
+    stats = run_device(fake, data)
+    assert stats.finished and stats.retries == 2 and fake.get_task_calls == 3
+
+
+def test_it_gives_up_on_a_coordinator_that_stays_unavailable(data):
+    fake = FakeCoordinator([], {})
+    fake.get_task_faults = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    retry = RetryPolicy(initial_backoff=0.01, max_backoff=0.02, give_up_after=0.3)
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match="gave up"):
+        run_device(fake, data, retry=retry)
+    assert time.monotonic() - start < 5
+
+
+def test_it_refuses_a_model_whose_sha256_does_not_match(data):
+    script = [train("t1", MODEL_0, sha256="0" * 64)]
+    fake = FakeCoordinator(script, {"t1": MODEL_0})
+    stats = run_device(fake, data)
+    assert stats.finished
+    assert fake.updates == {}
+    assert (stats.failures, stats.tasks_trained, stats.models_built) == (1, 0, 0)
+
+
+def test_a_device_that_drops_out_never_submits(data):
+    fake = FakeCoordinator([train("t1", MODEL_0)], {"t1": MODEL_0})
+    stats = run_device(fake, data, drop_probability=1.0)
+    assert stats.dropped_out and not stats.finished
+    assert fake.download_offsets == [("t1", 0)]  # it did download
+    assert fake.updates == {} and fake.get_task_calls == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "level"),
+    [(grpc.StatusCode.FAILED_PRECONDITION, logging.WARNING),
+     (grpc.StatusCode.INVALID_ARGUMENT, logging.ERROR)],
+)  # fmt: skip
+def test_a_refused_submission_drops_the_task_and_goes_on(data, caplog, code, level):
+    fake = FakeCoordinator([evaluate("e1", MODEL_0), wait(10)], {"e1": MODEL_0})
+    fake.refuse_submissions = code
+    with caplog.at_level(logging.INFO, logger="fedcoreml.device"):
+        stats = run_device(fake, data)
+    assert stats.finished and stats.failures == 1 and stats.tasks_evaluated == 0
+    dropped = [r for r in caplog.records if "dropped task e1" in r.getMessage()]
+    assert [r.levelno for r in dropped] == [level]
+    assert code.name in dropped[0].getMessage()
+
+
+def test_the_stop_event_ends_the_loop_promptly(data):
+    fake = FakeCoordinator([wait(30_000)], {})
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    start = time.monotonic()
+    stats = run_device(fake, data, stop=stop)
+    assert not stats.finished and stats.error is None
+    assert time.monotonic() - start < 3
+
+
+def test_a_fleet_runs_every_device_to_the_end(sample):
+    small = Dataset(sample.x_train[:90], sample.y_train[:90], sample.x_test, sample.y_test)
+    shares = partition_dataset(small, 3, "iid", seed=0)
+    assert [s.num_train + s.num_eval for s in shares] == [30, 30, 30]
+    fake = FakeCoordinator([wait(10), evaluate("e1", MODEL_0)], {"e1": MODEL_0})
+    options = FleetOptions(seed=1, drop_devices={0}, slow_devices={2}, slowdown_seconds=0.2,
+                           retry=FAST)  # fmt: skip
+    with serve(fake) as address:
+        stats = run_fleet(address, shares, options)
+    assert [s.device_id for s in stats] == ["sim-000", "sim-001", "sim-002"]
+    assert stats[0].dropped_out and not stats[0].finished
+    assert all(s.finished and s.tasks_evaluated == 1 for s in stats[1:])
+    assert set(fake.evaluations) == {("sim-001", "e1"), ("sim-002", "e1")}
+    assert "last accuracy" in stats[1].summary()
+
+
+def test_the_devices_command_runs_a_fleet(capsys):
+    from fedcoreml.server.cli import main
+
+    fake = FakeCoordinator([wait(10)], {})
+    with serve(fake) as address:
+        code = main(["devices", "--server", address, "--count", "2", "--give-up-after", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "sim-000: trained 0" in out and "sim-001: trained 0" in out
+    assert out.count("finished") == 2
