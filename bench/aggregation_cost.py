@@ -1,0 +1,101 @@
+"""Benchmark: the coordinator's cost of aggregating K device updates of the reference model.
+
+For K = 10, 100, 1,000 updates of all 585,958 parameters, each K in a fresh process: decode K
+SubmitUpdate streams as the gateway does, turn them into Flower reply messages (DeviceGrid),
+aggregate them with Flower's FedAvg, and bake the result into the next .mlmodel (ModelStore).
+Prints wall time per stage and the process's peak resident memory against its baseline
+(the same process before the updates arrived).
+
+    python bench/aggregation_cost.py [--counts 10 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def measure(count: int) -> dict:
+    import numpy as np
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedcoreml.ios_bridge.default_model import build_default_model
+    from fedcoreml.ios_bridge.gateway.task_board import Task, UpdateResult
+    from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
+    from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, decode_update, encode_update
+    from fedcoreml.server.device_grid import DeviceGrid, arrays_to_parameters
+    from fedcoreml.server.flower_identity import set_task_identity
+    from fedcoreml.server.model_store import ModelStore
+
+    spec = build_default_model(seed=0)
+    infos = parameter_infos(spec)
+    store = ModelStore(spec, "reference model")
+    set_task_identity(1)
+    base = get_parameters(spec)
+    # One encoded update, decoded K times: what the gateway does per device.
+    rng = np.random.default_rng(0)
+    update = [(n, v + rng.standard_normal(v.shape).astype(np.float32) * 0.01) for n, v in base]
+    wire = [m.SerializeToString() for m in encode_update(UpdateHeader("s", "t", 100, 0.1, 0.9, 1),
+                                                         update)]  # fmt: skip
+    from fedcoreml.ios_bridge.wire import device_pb2
+
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    grid = DeviceGrid.__new__(DeviceGrid)  # only its message translation is used here
+    instruction = Message(RecordDict({"config": ConfigRecord()}), 1, "train")
+    instruction.metadata.__dict__["_message_id"] = "m"
+
+    start = time.perf_counter()
+    replies = []
+    for i in range(count):
+        _, params = decode_update((device_pb2.UpdateChunk.FromString(b) for b in wire), infos)
+        task = Task(f"t{i}", 1, "train", 1, None, None, 0.0, status="submitted",
+                    result=UpdateResult(params, 100 + i, 0.1, 0.9, 1.0))  # fmt: skip
+        replies.append(grid._reply(instruction, task))
+    decode_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    arrays, _ = FedAvg().aggregate_train(1, replies)
+    aggregate_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    store.build(arrays_to_parameters(arrays), version=1)
+    build_s = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "count": count,
+        "decode_s": decode_s,
+        "aggregate_s": aggregate_s,
+        "build_s": build_s,
+        "peak_mib": peak_rss / 1024,
+        "baseline_mib": baseline_rss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(measure(args.one)))
+        return
+    print(f"{'K':>6} {'decode s':>9} {'FedAvg s':>9} {'.mlmodel s':>10} {'total s':>8} "
+          f"{'peak MiB':>9} {'+MiB over base':>15} {'MiB/update':>11}")  # fmt: skip
+    for count in args.counts:
+        out = subprocess.run([sys.executable, __file__, "--one", str(count)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        extra = r["peak_mib"] - r["baseline_mib"]
+        total = r["decode_s"] + r["aggregate_s"] + r["build_s"]
+        times = f"{r['decode_s']:>9.2f} {r['aggregate_s']:>9.2f} {r['build_s']:>10.3f}"
+        memory = f"{r['peak_mib']:>9.0f} {extra:>15.0f} {extra / count:>11.2f}"
+        print(f"{count:>6} {times} {total:>8.2f} {memory}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""``fedcoreml server`` (the coordinator) and ``fedcoreml demo`` (coordinator + simulated fleet)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedcoreml.server.strategies import STRATEGY_NAMES
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
+    parser.add_argument("--rounds", type=int, default=5 if demo else None, required=not demo)
+    parser.add_argument(
+        "--strategy",
+        default="fedavg",
+        help=f"a Flower strategy: {', '.join(STRATEGY_NAMES)} (default fedavg)",
+    )
+    parser.add_argument(
+        "--strategy-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for the strategy's constructor, e.g. server_momentum=0.9 (repeatable)",
+    )
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of devices per round")
+    parser.add_argument(
+        "--fraction-evaluate",
+        type=float,
+        default=0.0,
+        help="share of devices asked to evaluate each new model on their own data (default 0)",
+    )
+    parser.add_argument("--model", type=Path, help="updatable .mlmodel (default: the LeNet)")
+    parser.add_argument("--local-epochs", type=int, help="epochs per round on each device")
+    parser.add_argument("--batch-size", type=int, help="device mini-batch size")
+    parser.add_argument("--lr", type=float, help="device learning rate")
+    parser.add_argument(
+        "--round-timeout", type=float, default=600.0, help="seconds before a round closes"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    server = subparsers.add_parser(
+        "server",
+        help="run the coordinator: serve devices over gRPC and run federated rounds",
+        description="Wait for --min-devices devices, run --rounds rounds with a Flower strategy, "
+        "then tell the devices the run is finished. Writes run.json, metrics.jsonl, "
+        "models/round-NNNN.mlmodel and final.mlmodel into --run-dir.",
+    )
+    server.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on")
+    server.add_argument("--run-dir", type=Path, required=True)
+    server.add_argument("--min-devices", type=int, required=True)
+    _add_run_options(server, demo=False)
+    server.add_argument(
+        "--eval-data-dir",
+        help="held-out data for the server's evaluation (default: the bundled sample)",
+    )
+    server.add_argument("--session-ttl", type=float, default=30.0, help="idle device timeout, s")
+    server.set_defaults(handler=_server)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="federate on this machine: coordinator + simulated iPhones over real gRPC",
+        description="Start the coordinator on 127.0.0.1 and a fleet of simulated iPhones "
+        "(`fedcoreml devices`, a separate process) that train the model with the Core ML "
+        "emulator on their own partitions of the data, over the same protocol an iOS app uses.",
+    )
+    demo.add_argument("--devices", type=int, default=10)
+    demo.add_argument("--data-dir", help="training/test data (default: the bundled MNIST sample)")
+    demo.add_argument("--partition", default="iid", help="iid, dirichlet:ALPHA or shards:K")
+    demo.add_argument("--run-dir", type=Path, help="default: runs/demo-<time>")
+    demo.add_argument("--seed", type=int, default=0)
+    _add_run_options(demo, demo=True)
+    demo.set_defaults(handler=_demo)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(show_path=False, markup=False)],
+        force=True,
+    )
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def _coordinator_config(args: argparse.Namespace, **extra):
+    from fedcoreml.server.coordinator import CoordinatorConfig
+    from fedcoreml.server.strategies import parse_strategy_args
+
+    return CoordinatorConfig(
+        rounds=args.rounds,
+        strategy=args.strategy,
+        strategy_args=parse_strategy_args(args.strategy_arg),
+        fraction=args.fraction,
+        fraction_evaluate=args.fraction_evaluate,
+        model=args.model,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        round_timeout=args.round_timeout,
+        **extra,
+    )
+
+
+def _server(args: argparse.Namespace) -> int:
+    from fedcoreml.server.coordinator import Coordinator
+
+    _setup_logging(verbose=True)
+    coordinator = Coordinator(
+        _coordinator_config(
+            args,
+            run_dir=args.run_dir,
+            min_devices=args.min_devices,
+            listen=args.listen,
+            eval_data=args.eval_data_dir,
+            session_ttl=args.session_ttl,
+        )
+    )
+    coordinator.start()
+    try:
+        final = coordinator.run()
+    finally:
+        coordinator.stop()
+    print(f"final model: {final}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fedcoreml.server.demo import run_demo
+
+    return run_demo(args, _coordinator_config)
