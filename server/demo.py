@@ -43,6 +43,7 @@ def run_demo(
 ) -> int:
     console = Console()
     logging.basicConfig(level=logging.WARNING, force=True)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the table below says it all
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     config = make_config(
         args,
@@ -77,21 +78,24 @@ def run_demo(
         f"coordinator on 127.0.0.1:{port}; starting {args.devices} simulated iPhones "
         f"({args.partition}); {config.rounds} rounds of {config.strategy}"
     )
-    fleet = subprocess.Popen(fleet_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        with console.status("federating ...", spinner="dots"):
-            final = coordinator.run()
-    finally:
-        coordinator.stop()
+    fleet_log_path = Path(config.run_dir) / "devices.log"
+    with open(fleet_log_path, "wb") as fleet_log:
+        fleet = subprocess.Popen(fleet_cmd, stdout=fleet_log, stderr=subprocess.STDOUT)
         try:
-            _, fleet_err = fleet.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-            _, fleet_err = fleet.communicate()
+            with console.status("federating ...", spinner="dots"):
+                final = coordinator.run()
+        finally:
+            coordinator.stop()
+            try:
+                fleet.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                fleet.kill()
+                fleet.wait()
     console.print(_round_table(coordinator.records))
-    if fleet.returncode not in (0, None):
-        console.print(f"[red]the device fleet exited with {fleet.returncode}[/red]")
-        console.print(fleet_err.decode(errors="replace")[-2000:])
+    if fleet.returncode != 0:
+        console.print(
+            f"[red]the device fleet exited with {fleet.returncode}[/red]; see {fleet_log_path}"
+        )
         return 1
     last = coordinator.records[-1]
     console.print(

@@ -30,9 +30,24 @@ def _add_run_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
         help="share of devices asked to evaluate each new model on their own data (default 0)",
     )
     parser.add_argument("--model", type=Path, help="updatable .mlmodel (default: the LeNet)")
-    parser.add_argument("--local-epochs", type=int, help="epochs per round on each device")
-    parser.add_argument("--batch-size", type=int, help="device mini-batch size")
-    parser.add_argument("--lr", type=float, help="device learning rate")
+    defaults = {"epochs": 1, "batch": 32, "lr": 1e-3} if demo else {}
+    model_default = " (default: the model's)" if not demo else ""
+    parser.add_argument(
+        "--local-epochs",
+        type=int,
+        default=defaults.get("epochs"),
+        help=f"epochs per round on each device{model_default or ' (default 1)'}",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.get("batch"),
+        help=f"device mini-batch size{model_default or ' (default 32)'}",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=defaults.get("lr"),
+        help=f"device learning rate{model_default or ' (default 0.001)'}",
+    )  # fmt: skip
     parser.add_argument(
         "--round-timeout", type=float, default=600.0, help="seconds before a round closes"
     )
@@ -76,16 +91,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _setup_logging(verbose: bool) -> None:
     import logging
 
-    from rich.logging import RichHandler
-
+    # Plain, one line per event: operators grep and ship these logs.
     logging.basicConfig(
         level=logging.INFO,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(show_path=False, markup=False)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    flower = logging.getLogger("flwr")
+    flower.propagate = False  # Flower logs through its own console handler already
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flower.setLevel(logging.WARNING)
 
 
 def _coordinator_config(args: argparse.Namespace, **extra):
