@@ -12,11 +12,12 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fedcoreml.client_sim.data import Dataset, load_dataset
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
@@ -179,15 +180,22 @@ class Coordinator:
             self.run_id, config.strategy, config.rounds, config.min_devices,
             self.training.epochs, self.training.batch_size, self.training.learning_rate,
         )  # fmt: skip
-        result = self.strategy.start(
-            grid=self.grid,
-            initial_arrays=initial,
-            num_rounds=config.rounds,
-            timeout=config.round_timeout,
-            train_config=train_config,
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=self._after_round,
-        )
+        self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+        self._judgements: list[Future[RoundRecord]] = []
+        try:
+            result = self.strategy.start(
+                grid=self.grid,
+                initial_arrays=initial,
+                num_rounds=config.rounds,
+                timeout=config.round_timeout,
+                train_config=train_config,
+                evaluate_config=ConfigRecord(),
+                evaluate_fn=self._after_round,
+            )
+        finally:
+            self._judge.shutdown(wait=True)
+        for judgement in self._judgements:
+            judgement.result()  # re-raise a failure of the evaluation thread
         final = self.store.build(
             arrays_to_parameters(result.arrays if len(result.arrays) else initial),
             version=config.rounds,
@@ -201,22 +209,37 @@ class Coordinator:
         """Tell the devices, and give every live one a chance to hear it before stopping."""
         self.board.finish_run(final)
         grace_end = time.monotonic() + 2 * self.config.poll_interval_ms / 1000 + 1.0
-        while time.monotonic() < grace_end and self.registry.live_node_ids():
-            time.sleep(0.1)
+        while time.monotonic() < grace_end and not self.board.told_finished(
+            self.registry.live_node_ids()
+        ):
+            time.sleep(0.05)
 
     # -- per round ----------------------------------------------------------------------------
 
-    def _after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower's evaluate_fn: record and judge the model that will be shipped next."""
+    def _after_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Flower's evaluate_fn: build the model that will be shipped next, and have it recorded.
+
+        Writing its file and judging it (reference interpreter on the held-out set) run on one
+        background thread, overlapping the next round; files and metrics lines still come out in
+        round order, and all of them are written before ``run`` returns.
+        """
         start = time.monotonic()
         model = self.store.build(arrays_to_parameters(arrays), version=server_round)
+        exchanges = [s for s in self.grid.history if s.round == server_round]
+        seconds = sum(s.seconds for s in exchanges) + time.monotonic() - start
+        self._judgements.append(
+            self._judge.submit(self._judge_round, server_round, model, exchanges, seconds)
+        )
+
+    def _judge_round(
+        self, server_round: int, model: RoundModel, exchanges: list, seconds: float
+    ) -> RoundRecord:
         self.run_dir.write_round_model(server_round, model.data)
         # Judge the bytes exactly as a device receives them.
         judged = ReferenceInterpreter(spec_from_bytes(model.data), self.model_name)
         loss, accuracy = judged.evaluate(
             self.eval_data.x_test, self.eval_data.y_test, self.probabilities
         )
-        exchanges = [s for s in self.grid.history if s.round == server_round]
         train = next((s for s in exchanges if s.kind == "train"), None)
         evaluate = next((s for s in exchanges if s.kind == "evaluate"), None)
         record = RoundRecord(
@@ -227,7 +250,7 @@ class Coordinator:
             devices_reported=train.reported if train else 0,
             devices_failed=train.failed if train else 0,
             examples=train.examples if train else 0,
-            seconds=round(sum(s.seconds for s in exchanges) + time.monotonic() - start, 3),
+            seconds=round(seconds, 3),
             model_sha256=model.sha256,
             evaluated_devices=evaluate.reported if evaluate else 0,
             device_accuracy=evaluate.accuracy if evaluate else None,
@@ -241,4 +264,4 @@ class Coordinator:
         )  # fmt: skip
         if self.on_round is not None:
             self.on_round(record)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        return record

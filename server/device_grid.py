@@ -57,6 +57,7 @@ class ExchangeStats:
 
     kind: str
     round: int
+    started_at: float = 0.0  # time.time() when the tasks were sent
     sampled: int = 0
     reported: int = 0
     failed: int = 0
@@ -146,13 +147,16 @@ class DeviceGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         start = time.monotonic()
+        started_at = time.time()
         messages = list(messages)
         if not messages:
             return []
         ids = list(self.push_messages(messages))
         with self._lock:
             tasks = [self._pushed[i][1] for i in ids]
-        stats = ExchangeStats(kind=tasks[0].kind, round=tasks[0].round, sampled=len(tasks))
+        stats = ExchangeStats(
+            kind=tasks[0].kind, round=tasks[0].round, started_at=started_at, sampled=len(tasks)
+        )
         log.info("round %d: %s task sent to %d device(s)", stats.round, stats.kind, stats.sampled)
         wait_s = self.task_timeout_s if timeout is None else min(timeout, self.task_timeout_s)
         task_ids = [t.task_id for t in tasks]

@@ -25,8 +25,10 @@ class Gateway:
     def __init__(self) -> None:
         self.registry = SessionRegistry(idle_ttl_s=30)
         self.board = TaskBoard()
-        service = DeviceService(self.registry, self.board, parameter_infos(SPEC), 50)
-        self.server, port = start_server(service, "127.0.0.1:0")
+        self.service = DeviceService(
+            self.registry, self.board, parameter_infos(SPEC), 50, long_poll_ms=100
+        )
+        self.server, port = start_server(self.service, "127.0.0.1:0")
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
 
@@ -198,3 +200,14 @@ def test_idle_devices_expire_and_must_register_again():
     registry.hold(session.node_id, until=20.0)
     clock[0] = 15.0
     assert registry.is_live(session.node_id)  # working on a task
+
+
+def test_an_idle_device_is_handed_work_as_soon_as_it_exists(gw):
+    session, node = gw.register("phone-a")
+    gw.service.long_poll_ms = 5000
+    import threading
+
+    timer = threading.Timer(0.3, lambda: gw.board.assign(node, "train", 1, MODEL, CONFIG, 30))
+    timer.start()
+    reply = gw.stub.GetTask(device_pb2.GetTaskRequest(session_id=session), timeout=10)
+    assert reply.WhichOneof("task") == "train"  # not "wait": the call waited for the task

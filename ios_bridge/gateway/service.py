@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
@@ -66,11 +67,16 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         board: TaskBoard,
         parameter_infos: list[ParameterInfo],
         poll_interval_ms: int = 1000,
+        long_poll_ms: int = 2000,
+        max_long_polls: int = 16,
     ) -> None:
         self.registry = registry
         self.board = board
         self.infos = parameter_infos
         self.poll_interval_ms = poll_interval_ms
+        self.long_poll_ms = long_poll_ms
+        # Each long poll holds a server thread; beyond this many, GetTask answers at once.
+        self._long_polls = threading.BoundedSemaphore(max_long_polls)
 
     # Each handler runs its body through _guarded, which turns refusals into gRPC statuses.
     def _guarded(self, context: grpc.ServicerContext, rpc: str, body: Callable[[], object]):
@@ -97,6 +103,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     max_message_bytes=MAX_MESSAGE_BYTES,
                     chunk_bytes=DEFAULT_CHUNK_BYTES,
                     session_ttl_ms=int(self.registry.idle_ttl_s * 1000),
+                    long_poll_ms=self.long_poll_ms,
                 ),
             )
 
@@ -106,12 +113,19 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         def body():
             session = self.registry.touch(request.session_id)
             task = self.board.next_task(session.node_id)
+            if task is None and self.long_poll_ms > 0 and self._long_polls.acquire(blocking=False):
+                try:  # idle devices wait here for work instead of polling again and again
+                    task = self.board.wait_for_task(session.node_id, self.long_poll_ms / 1000)
+                finally:
+                    self._long_polls.release()
+                session = self.registry.touch(request.session_id)
             if task is not None:
                 # Working on a task, a device may stay silent until the task's deadline.
                 self.registry.hold(session.node_id, task.deadline)
                 return self._task_message(task)
             finished, final_model, reason = self.board.finished
             if finished:
+                self.board.mark_told_finished(session.node_id)
                 return device_pb2.GetTaskResponse(
                     finished=device_pb2.RunFinished(
                         reason=reason,

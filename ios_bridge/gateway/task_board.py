@@ -88,6 +88,7 @@ class TaskBoard:
         self._tasks: dict[str, Task] = {}
         self._finished_model: RoundModel | None = None
         self._finished_reason = ""
+        self._told_finished: set[int] = set()
 
     # -- coordinator side ---------------------------------------------------------------------
 
@@ -111,6 +112,7 @@ class TaskBoard:
         )
         with self._cond:
             self._tasks[task.task_id] = task
+            self._cond.notify_all()  # wake a device long-polling for work
         return task
 
     def wait(
@@ -176,6 +178,15 @@ class TaskBoard:
 
     # -- device side --------------------------------------------------------------------------
 
+    def mark_told_finished(self, node_id: int) -> None:
+        with self._cond:
+            self._told_finished.add(node_id)
+
+    def told_finished(self, node_ids: Iterable[int]) -> bool:
+        """Whether every one of these nodes has been told that the run is finished."""
+        with self._cond:
+            return set(node_ids) <= self._told_finished
+
     @property
     def finished(self) -> tuple[bool, RoundModel | None, str]:
         with self._cond:
@@ -199,6 +210,17 @@ class TaskBoard:
     def remaining_s(self, task: Task) -> float:
         """Seconds left before the task's deadline (0 when passed)."""
         return max(task.deadline - self._clock(), 0.0)
+
+    def wait_for_task(self, node_id: int, timeout_s: float) -> Task | None:
+        """Wait up to ``timeout_s`` for a task for this node (or the end of the run)."""
+        end = self._clock() + timeout_s
+        with self._cond:
+            while True:
+                task = self.next_task(node_id)
+                remaining = end - self._clock()
+                if task is not None or self._finished_reason or remaining <= 0:
+                    return task
+                self._cond.wait(remaining)
 
     def task_for(self, task_id: str, node_id: int, kind: TaskKind | None = None) -> Task:
         """A task a device may act on, or the reason it may not."""

@@ -31,16 +31,18 @@ class RegisterRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., platform: _Optional[str] = ..., os_version: _Optional[str] = ..., app_version: _Optional[str] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ...) -> None: ...
 
 class PacingHints(_message.Message):
-    __slots__ = ("poll_interval_ms", "max_message_bytes", "chunk_bytes", "session_ttl_ms")
+    __slots__ = ("poll_interval_ms", "max_message_bytes", "chunk_bytes", "session_ttl_ms", "long_poll_ms")
     POLL_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    LONG_POLL_MS_FIELD_NUMBER: _ClassVar[int]
     poll_interval_ms: int
     max_message_bytes: int
     chunk_bytes: int
     session_ttl_ms: int
-    def __init__(self, poll_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ...) -> None: ...
+    long_poll_ms: int
+    def __init__(self, poll_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ..., long_poll_ms: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("session_id", "pacing")
