@@ -79,10 +79,11 @@ def test_train_refuses_a_batch_size_the_model_does_not_allow(tmp_path):
     assert not (tmp_path / "x.mlmodel").exists()
 
 
-def test_the_model_command_never_loads_tensorflow():
+def test_the_coordinator_and_model_commands_never_load_tensorflow():
     probe = (
         "import sys; from fedcoreml.server.cli import build_parser; build_parser(); "
         "import fedcoreml.ios_bridge.interpreter, fedcoreml.ios_bridge.model_info; "
+        "import fedcoreml.server.coordinator, fedcoreml.server.demo; "
         "print('tensorflow' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
