@@ -118,3 +118,35 @@ def test_a_device_that_dies_mid_round_does_not_hang_the_run(tmp_path):
     for name, value in weighted_mean(sent).items():
         np.testing.assert_allclose(r1[name], value, rtol=1e-6, atol=1e-7)
     assert lines[2]["devices_sampled"] == 2  # the dead device is no longer a node
+
+
+def test_krum_picks_one_devices_update_exactly(tmp_path):
+    spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, None)]
+    _, devices, _ = run_coordinator(tmp_path, spec, strategy="krum")
+    r1 = dict(get_parameters(load_spec(tmp_path / "run" / "models" / "round-0001.mlmodel")))
+    sent = [dict(s.parameters) for d in devices for s in d.submissions if s.round == 1]
+    # Krum selects the update closest to the others: the +0.01 one, bit for bit
+    matches = [all(np.array_equal(r1[n], s[n]) for n in r1) for s in sent]
+    assert sum(matches) == 1
+
+
+@pytest.mark.parametrize(
+    ("strategy", "args"),
+    [("fedtrimmedavg", {}), ("fedyogi", {}), ("dp-fixed", {"clipping_norm": 1e6})],
+)
+def test_more_strategies_complete_with_finite_models(tmp_path, strategy, args):
+    spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, None)]
+    run_coordinator(tmp_path, spec, strategy=strategy, strategy_args=args)
+    run = tmp_path / "run"
+    r0 = dict(get_parameters(load_spec(run / "models" / "round-0000.mlmodel")))
+    r2 = dict(get_parameters(load_spec(run / "final.mlmodel")))
+    assert all(np.isfinite(v).all() for v in r2.values())
+    assert any(np.any(r2[n] != r0[n]) for n in r0)
+
+
+def test_fedprox_is_refused_with_the_reason(tmp_path):
+    from fedcoreml.server.strategies import StrategyError
+
+    with pytest.raises(StrategyError, match="proximal term"):
+        Coordinator(CoordinatorConfig(run_dir=tmp_path, rounds=1, min_devices=1,
+                                      strategy="fedprox"))  # fmt: skip
