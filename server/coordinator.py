@@ -75,6 +75,15 @@ class CoordinatorConfig:
         data = asdict(self)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CoordinatorConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["run_dir"] = Path(values["run_dir"])
+        if values.get("model") is not None:
+            values["model"] = Path(values["model"])
+        return cls(**values)
+
 
 @dataclass
 class RoundRecord:
@@ -95,10 +104,17 @@ class Coordinator:
     """Build once, then ``start()`` (listen) and ``run()`` (blocks until the last round)."""
 
     def __init__(
-        self, config: CoordinatorConfig, on_round: Callable[[RoundRecord], None] | None = None
+        self,
+        config: CoordinatorConfig,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        resume_after: int | None = None,
+        run_id: int | None = None,
     ) -> None:
         self.config = config
         self.on_round = on_round
+        # Resuming: rounds up to and including this one are committed in the run directory.
+        self.resume_after = resume_after
+        self.start_round = resume_after or 0
         if config.rounds < 1:
             raise CoordinatorConfigError(f"--rounds must be at least 1, got {config.rounds}")
         if config.min_devices < 1:
@@ -132,15 +148,36 @@ class Coordinator:
         self.service = DeviceService(
             self.registry, self.board, self.store.infos, config.poll_interval_ms
         )
-        self.run_id = secrets.randbits(63)
+        self.run_id = run_id if run_id is not None else secrets.randbits(63)
         self.grid = DeviceGrid(
-            self.registry, self.board, self.store, self.run_id, config.round_timeout
-        )
+            self.registry, self.board, self.store, self.run_id, config.round_timeout,
+            round_offset=self.start_round,
+        )  # fmt: skip
         self.records: list[RoundRecord] = []
         self._server = None
         self.port: int | None = None
 
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | Path,
+        listen: str | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> Coordinator:
+        """Continue the run in ``run_dir`` after its last committed round."""
+        saved = RunDirectory(run_dir).read_config()
+        config = CoordinatorConfig.from_json({**saved, "run_dir": str(run_dir)})
+        if listen is not None:
+            config.listen = listen
+        last = RunDirectory(run_dir).last_committed_round()
+        return cls(config, on_round, resume_after=last, run_id=int(saved["run_id"]))
+
     def _load_model(self) -> tuple[Model_pb2.Model, str]:
+        if self.resume_after is not None:
+            # The committed global model, bit for bit: architecture, settings and parameters.
+            path = RunDirectory(self.config.run_dir).round_model(self.resume_after)
+            name = str(self.config.model) if self.config.model else "default model"
+            return load_spec(path), name
         if self.config.model is None:
             return build_default_model(seed=self.config.model_seed), "default model"
         return load_spec(self.config.model), str(self.config.model)
@@ -162,9 +199,16 @@ class Coordinator:
         if self._server is None:
             self.start()
         config = self.config
-        self.run_dir.write_config(
-            {**config.to_json(), "model": self.model_name, "run_id": self.run_id}
-        )
+        if self.resume_after is None:
+            self.run_dir.write_config(
+                {**config.to_json(), "model_name": self.model_name, "run_id": self.run_id}
+            )
+        else:
+            committed = self.store.build(get_parameters(self.spec, self.model_name), 0)
+            log.info(
+                "resuming run %d after round %d of %d (global model sha256 %s)",
+                self.run_id, self.resume_after, config.rounds, committed.sha256,
+            )  # fmt: skip
         set_task_identity(self.run_id)
         initial = parameters_to_arrays(get_parameters(self.spec, self.model_name))
         train_config = ConfigRecord(
@@ -180,13 +224,16 @@ class Coordinator:
             self.run_id, config.strategy, config.rounds, config.min_devices,
             self.training.epochs, self.training.batch_size, self.training.learning_rate,
         )  # fmt: skip
+        remaining = config.rounds - self.start_round
+        if remaining <= 0:  # every round was committed before the crash: just finish
+            return self._complete(initial)
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._judgements: list[Future[RoundRecord]] = []
         try:
             result = self.strategy.start(
                 grid=self.grid,
                 initial_arrays=initial,
-                num_rounds=config.rounds,
+                num_rounds=remaining,
                 timeout=config.round_timeout,
                 train_config=train_config,
                 evaluate_config=ConfigRecord(),
@@ -196,10 +243,10 @@ class Coordinator:
             self._judge.shutdown(wait=True)
         for judgement in self._judgements:
             judgement.result()  # re-raise a failure of the evaluation thread
-        final = self.store.build(
-            arrays_to_parameters(result.arrays if len(result.arrays) else initial),
-            version=config.rounds,
-        )
+        return self._complete(result.arrays if len(result.arrays) else initial)
+
+    def _complete(self, arrays: ArrayRecord) -> Path:
+        final = self.store.build(arrays_to_parameters(arrays), version=self.config.rounds)
         path = self.run_dir.write_final_model(final.data)
         self._finish(final)
         log.info("run finished: %s (sha256 %s)", path, final.sha256[:12])
@@ -223,6 +270,9 @@ class Coordinator:
         background thread, overlapping the next round; files and metrics lines still come out in
         round order, and all of them are written before ``run`` returns.
         """
+        if self.resume_after is not None and server_round == 0:
+            return  # Flower's "initial" evaluation is the committed round, recorded already
+        server_round += self.start_round
         start = time.monotonic()
         model = self.store.build(arrays_to_parameters(arrays), version=server_round)
         exchanges = [s for s in self.grid.history if s.round == server_round]

@@ -10,11 +10,17 @@ Every write replaces a file atomically, so a crash never leaves a half-written f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from fedcoreml.ios_bridge.atomic_file import write_bytes_atomic, write_text_atomic
+from fedcoreml.ios_bridge.errors import FedCoreMLError
+
+
+class RunDirectoryError(FedCoreMLError):
+    """A run directory that cannot be resumed: missing or inconsistent files."""
 
 
 class RunDirectory:
@@ -51,3 +57,32 @@ class RunDirectory:
         if not self.metrics_file.exists():
             return []
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+
+    def read_config(self) -> dict[str, Any]:
+        path = self.path / "run.json"
+        if not path.exists():
+            raise RunDirectoryError(f"{self.path}: no run.json; not a fedcoreml run directory")
+        return json.loads(path.read_text())
+
+    def last_committed_round(self) -> int | None:
+        """The last round whose model file and metrics line are both complete and agree.
+
+        A round is committed once its metrics line is written, which happens after its model
+        file; a model file without its line (a crash in between) does not count, and a file
+        whose sha256 differs from the one recorded is refused as corrupt.
+        """
+        last = None
+        for line in self.read_metrics():
+            round_number = int(line["round"])
+            path = self.round_model(round_number)
+            if not path.exists():
+                raise RunDirectoryError(f"{path}: missing, but metrics.jsonl records round "
+                                        f"{round_number}")  # fmt: skip
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != line["model_sha256"]:
+                raise RunDirectoryError(
+                    f"{path}: sha256 {digest[:12]}... differs from the {line['model_sha256'][:12]}"
+                    "... recorded in metrics.jsonl"
+                )
+            last = round_number
+        return last

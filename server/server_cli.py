@@ -9,7 +9,7 @@ from fedcoreml.server.strategies import STRATEGY_NAMES
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
-    parser.add_argument("--rounds", type=int, default=5 if demo else None, required=not demo)
+    parser.add_argument("--rounds", type=int, default=5 if demo else None)
     parser.add_argument(
         "--strategy",
         default="fedavg",
@@ -61,9 +61,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "then tell the devices the run is finished. Writes run.json, metrics.jsonl, "
         "models/round-NNNN.mlmodel and final.mlmodel into --run-dir.",
     )
-    server.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on")
-    server.add_argument("--run-dir", type=Path, required=True)
-    server.add_argument("--min-devices", type=int, required=True)
+    server.add_argument("--listen", default=None, help="HOST:PORT (default 127.0.0.1:50051)")
+    server.add_argument("--run-dir", type=Path, help="where the run is recorded (required)")
+    server.add_argument("--min-devices", type=int, help="devices to wait for (required)")
+    server.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run recorded in RUN_DIR after its last completed round, with the "
+        "configuration it was started with (only --listen may change)",
+    )
     _add_run_options(server, demo=False)
     server.add_argument(
         "--eval-data-dir",
@@ -123,19 +130,26 @@ def _coordinator_config(args: argparse.Namespace, **extra):
 
 
 def _server(args: argparse.Namespace) -> int:
-    from fedcoreml.server.coordinator import Coordinator
+    from fedcoreml.server.coordinator import Coordinator, CoordinatorConfigError
 
     _setup_logging(verbose=True)
-    coordinator = Coordinator(
-        _coordinator_config(
-            args,
-            run_dir=args.run_dir,
-            min_devices=args.min_devices,
-            listen=args.listen,
-            eval_data=args.eval_data_dir,
-            session_ttl=args.session_ttl,
+    if args.resume is not None:
+        coordinator = Coordinator.resume(args.resume, listen=args.listen)
+    else:
+        missing = [f"--{name.replace('_', '-')}" for name in ("run_dir", "rounds", "min_devices")
+                   if getattr(args, name) is None]  # fmt: skip
+        if missing:
+            raise CoordinatorConfigError(f"missing {', '.join(missing)} (or use --resume)")
+        coordinator = Coordinator(
+            _coordinator_config(
+                args,
+                run_dir=args.run_dir,
+                min_devices=args.min_devices,
+                listen=args.listen or "127.0.0.1:50051",
+                eval_data=args.eval_data_dir,
+                session_ttl=args.session_ttl,
+            )
         )
-    )
     coordinator.start()
     try:
         final = coordinator.run()

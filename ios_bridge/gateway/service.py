@@ -11,13 +11,18 @@ import itertools
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import grpc
 
-from fedcoreml.ios_bridge.gateway.errors import GatewayError, OutOfRangeError
-from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
+from fedcoreml.ios_bridge.gateway.auth import authenticated_device_id
+from fedcoreml.ios_bridge.gateway.errors import (
+    GatewayError,
+    OutOfRangeError,
+    PermissionDeniedError,
+)
+from fedcoreml.ios_bridge.gateway.sessions import Session, SessionRegistry
 from fedcoreml.ios_bridge.gateway.task_board import (
     EvaluationResult,
     Task,
@@ -86,8 +91,18 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             log.info("%s refused (%s): %s", rpc, exc.code, exc)
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
+    def _session(self, session_id: str) -> Session:
+        """The caller's live session, refreshed; with auth on, only one of its own device."""
+        return self.registry.touch(session_id, device_id=authenticated_device_id())
+
     def Register(self, request, context):  # noqa: N802 (gRPC method name)
         def body():
+            caller = authenticated_device_id()
+            if caller is not None and caller != request.device_id:
+                raise PermissionDeniedError(
+                    f"this token was issued for device {caller!r}; it cannot register as "
+                    f"{request.device_id!r:.140}"
+                )
             session = self.registry.register(
                 request.device_id, request.platform, request.os_version, request.app_version
             )
@@ -111,14 +126,14 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     def GetTask(self, request, context):  # noqa: N802
         def body():
-            session = self.registry.touch(request.session_id)
+            session = self._session(request.session_id)
             task = self.board.next_task(session.node_id)
             if task is None and self.long_poll_ms > 0 and self._long_polls.acquire(blocking=False):
                 try:  # idle devices wait here for work instead of polling again and again
                     task = self.board.wait_for_task(session.node_id, self.long_poll_ms / 1000)
                 finally:
                     self._long_polls.release()
-                session = self.registry.touch(request.session_id)
+                session = self._session(request.session_id)
             if task is not None:
                 # Working on a task, a device may stay silent until the task's deadline.
                 self.registry.hold(session.node_id, task.deadline)
@@ -168,7 +183,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     def DownloadModel(self, request, context) -> Iterator[device_pb2.ModelChunk]:  # noqa: N802
         def body():
-            session = self.registry.touch(request.session_id)
+            session = self._session(request.session_id)
             task = self.board.task_for(request.task_id, session.node_id)
             self.registry.hold(session.node_id, task.deadline)
             data = task.model.data
@@ -197,7 +212,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             first = next(messages, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise GatewayError("the first message must be the update header")
-            session = self.registry.touch(first.header.session_id)
+            session = self._session(first.header.session_id)
             self.board.task_for(first.header.task_id, session.node_id, "train")
             try:
                 header, parameters = decode_update(itertools.chain([first], messages), self.infos)
@@ -226,7 +241,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     def SubmitEvaluation(self, request, context):  # noqa: N802
         def body():
-            session = self.registry.touch(request.session_id)
+            session = self._session(request.session_id)
             self.board.task_for(request.task_id, session.node_id, "evaluate")
             _check_metrics(request.num_examples, request.loss, request.accuracy)
             self.board.complete(
@@ -245,10 +260,16 @@ def start_server(
     address: str,
     max_workers: int = 32,
     credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
-    """Start serving on ``address`` ("host:port"; port 0 picks one). Returns (server, port)."""
+    """Start serving on ``address`` ("host:port"; port 0 picks one). Returns (server, port).
+
+    ``credentials`` (see ``gateway.tls.server_credentials``) serve TLS instead of plaintext;
+    ``interceptors`` run before every call (see ``gateway.auth.DeviceAuthInterceptor``).
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

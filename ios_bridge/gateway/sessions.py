@@ -11,7 +11,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fedcoreml.ios_bridge.gateway.errors import GatewayError, NotFoundError
+from fedcoreml.ios_bridge.gateway.errors import (
+    GatewayError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 
 MAX_DEVICE_ID_LENGTH = 128
 
@@ -76,8 +80,12 @@ class SessionRegistry:
             if node_id not in self._by_node:
                 return node_id
 
-    def touch(self, session_id: str) -> Session:
-        """The live session with this id, refreshed; NotFoundError if unknown or expired."""
+    def touch(self, session_id: str, device_id: str | None = None) -> Session:
+        """The live session with this id, refreshed; NotFoundError if unknown or expired.
+
+        With ``device_id`` (the caller's authenticated device), a session of another device is
+        refused with PermissionDeniedError and left as it was.
+        """
         with self._lock:
             session = self._by_session.get(session_id)
             if session is None or not self._is_live(session, self._clock()):
@@ -85,6 +93,10 @@ class SessionRegistry:
                     "unknown or expired session; call Register again"
                     if session_id
                     else "session_id is missing; call Register first"
+                )
+            if device_id is not None and session.device_id != device_id:
+                raise PermissionDeniedError(
+                    f"this session belongs to another device, not to {device_id!r}"
                 )
             session.last_seen = self._clock()
             return session

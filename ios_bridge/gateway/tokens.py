@@ -1,0 +1,280 @@
+"""Per-device bearer tokens, kept only as SHA-256 hashes in ``<run-dir>/tokens.json``.
+
+A token is issued for one device id and shown once (``fcm_`` + 43 URL-safe characters, 256
+random bits); the store keeps its hash, the device id, a short prefix to name it by, the time it
+was created and whether it was revoked. The gateway calls :meth:`TokenStore.verify` on every
+device RPC; it re-reads the file whenever it changed on disk, so ``fedcoreml tokens revoke`` run
+by another process takes effect on the next call.
+
+Tokens carry 256 random bits, so a plain SHA-256 (no slow key derivation) is enough: a stolen
+``tokens.json`` reveals no usable secret. Lookups go by hash, and the final comparison uses
+:func:`hmac.compare_digest`.
+
+Devices read their tokens from a *token file*: a JSON object mapping each device id to its
+token, ``{"sim-000": "fcm_...", "sim-001": "fcm_..."}`` (see :func:`read_token_file`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedcoreml.ios_bridge.atomic_file import write_text_atomic
+from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.gateway.errors import GatewayError
+from fedcoreml.ios_bridge.gateway.sessions import MAX_DEVICE_ID_LENGTH
+
+__all__ = [
+    "TOKENS_FILE",
+    "TOKEN_PREFIX",
+    "TokenError",
+    "TokenInfo",
+    "TokenStore",
+    "check_device_id",
+    "hash_token",
+    "read_token_file",
+    "write_token_file",
+]
+
+log = logging.getLogger("fedcoreml.gateway")
+
+TOKENS_FILE = "tokens.json"
+TOKEN_PREFIX = "fcm_"
+_FORMAT_VERSION = 1
+_SHOWN_CHARS = 8  # random characters of a token kept (after "fcm_") to name it in listings
+_MIN_PREFIX = len(TOKEN_PREFIX) + 4  # a shorter prefix would match too many tokens
+
+
+class TokenError(FedCoreMLError):
+    """A token operation that cannot be done: unreadable store, unknown device or prefix."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One issued token, without its secret: what ``list`` shows and ``tokens.json`` holds."""
+
+    device_id: str
+    prefix: str  # the token's first characters, e.g. "fcm_Ab3dE9xQ"; names it, reveals nothing
+    sha256: str
+    created: str  # ISO 8601, UTC
+    revoked: bool = False
+    revoked_at: str | None = None
+
+    @property
+    def status(self) -> str:
+        return f"revoked {self.revoked_at}" if self.revoked else "active"
+
+
+def hash_token(secret: str) -> str:
+    """The hex SHA-256 of a token, as stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def check_device_id(device_id: str) -> None:
+    """Refuse a device id the gateway would refuse at ``Register``."""
+    if not device_id or len(device_id) > MAX_DEVICE_ID_LENGTH or not device_id.isprintable():
+        raise TokenError(
+            f"device id must be 1-{MAX_DEVICE_ID_LENGTH} printable characters, "
+            f"got {device_id!r:.40}"
+        )
+
+
+class TokenStore:
+    """The tokens of one run directory (``<run_dir>/tokens.json``); safe to share across threads.
+
+    ``create``/``revoke`` rewrite the file atomically under an advisory lock, so several
+    ``fedcoreml tokens`` invocations cannot lose each other's changes; every call first re-reads
+    the file if its modification time, size or inode changed.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(run_dir) / TOKENS_FILE
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._entries: list[TokenInfo] = []
+        self._by_hash: dict[str, TokenInfo] = {}
+        with self._lock:
+            self._reload_if_changed()  # a corrupt file is reported now, not at the first RPC
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def list(self) -> list[TokenInfo]:
+        """Every token ever issued here (active and revoked), oldest first; never a secret."""
+        with self._lock:
+            self._reload_if_changed()
+            return list(self._entries)
+
+    def verify(self, secret: str | None) -> str:
+        """The device id ``secret`` was issued for.
+
+        Raises GatewayError ``UNAUTHENTICATED`` for a missing, unknown or revoked token, and
+        ``UNAVAILABLE`` while ``tokens.json`` cannot be read (the device retries; nobody gets in).
+        """
+        if not secret:
+            raise GatewayError("missing bearer token", code="UNAUTHENTICATED")
+        digest = hash_token(secret)
+        with self._lock:
+            try:
+                self._reload_if_changed()
+            except TokenError as exc:
+                log.error("%s", exc)
+                raise GatewayError("the token store is unreadable", code="UNAVAILABLE") from None
+            entry = self._by_hash.get(digest)
+        if entry is None or entry.revoked or not hmac.compare_digest(entry.sha256, digest):
+            raise GatewayError("unknown or revoked token", code="UNAUTHENTICATED")
+        return entry.device_id
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def create(self, device_id: str) -> str:
+        """Issue a new token for ``device_id`` and return its secret (the only time it is seen).
+
+        A device may hold several active tokens (to rotate: create, deploy, revoke the old one
+        by its prefix).
+        """
+        check_device_id(device_id)
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        info = TokenInfo(
+            device_id=device_id,
+            prefix=secret[: len(TOKEN_PREFIX) + _SHOWN_CHARS],
+            sha256=hash_token(secret),
+            created=_now(),
+        )
+        with self._mutating() as entries:
+            entries.append(info)
+        return secret
+
+    def revoke(self, target: str) -> list[TokenInfo]:
+        """Revoke every active token of device ``target``, or the one token ``target`` names.
+
+        ``target`` is a device id, a token's prefix as ``list`` shows it (or a longer part of
+        the token), or the whole token. Returns the tokens revoked (none if all were revoked
+        already); raises TokenError when nothing matches or a prefix matches several tokens.
+        """
+        with self._mutating() as entries:
+            indices = _matching(entries, target)
+            stamp = _now()
+            revoked = []
+            for index in indices:
+                if not entries[index].revoked:
+                    entries[index] = replace(entries[index], revoked=True, revoked_at=stamp)
+                    revoked.append(entries[index])
+        return revoked
+
+    # -- the file -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _mutating(self) -> Iterator[list[TokenInfo]]:
+        """The current entries, to change in place; written back atomically on success."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with self._lock, open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            self._reload_if_changed()
+            entries = list(self._entries)
+            yield entries
+            write_text_atomic(self.path, _dump(entries))
+            self._reload_if_changed()
+
+    def _reload_if_changed(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._set_entries([], None)
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            self._set_entries(_load(self.path), stamp)
+
+    def _set_entries(self, entries: list[TokenInfo], stamp: tuple[int, int, int] | None) -> None:
+        self._entries = entries
+        self._by_hash = {entry.sha256: entry for entry in entries}
+        self._stamp = stamp
+
+
+def _matching(entries: list[TokenInfo], target: str) -> list[int]:
+    """Indices of the entries ``target`` names: a device id, a token prefix or a whole token."""
+    by_device = [i for i, entry in enumerate(entries) if entry.device_id == target]
+    if by_device:
+        return by_device
+    digest = hash_token(target)
+    by_hash = [i for i, entry in enumerate(entries) if hmac.compare_digest(entry.sha256, digest)]
+    if by_hash:
+        return by_hash
+    if target.startswith(TOKEN_PREFIX) and len(target) >= _MIN_PREFIX:
+        by_prefix = [
+            i
+            for i, entry in enumerate(entries)
+            if entry.prefix.startswith(target) or target.startswith(entry.prefix)
+        ]
+        if len(by_prefix) > 1:
+            names = ", ".join(f"{entries[i].prefix} ({entries[i].device_id})" for i in by_prefix)
+            raise TokenError(f"{target!r} matches several tokens: {names}; give more characters")
+        if by_prefix:
+            return by_prefix
+    raise TokenError(f"no device or token matches {target!r} (see `fedcoreml tokens list`)")
+
+
+def _load(path: Path) -> list[TokenInfo]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"unsupported version {document.get('version')!r}")
+        return [TokenInfo(**entry) for entry in document["tokens"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise TokenError(f"{path}: not a readable token store ({exc})") from None
+
+
+def _dump(entries: list[TokenInfo]) -> str:
+    document: dict[str, Any] = {
+        "version": _FORMAT_VERSION,
+        "tokens": [asdict(entry) for entry in entries],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+# -- token files (the device side) ------------------------------------------------------------
+
+
+def read_token_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A device token file: a JSON object mapping each device id to its token."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TokenError(f"{path}: cannot read the token file ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise TokenError(f'{path}: not JSON ({exc}); expected {{"DEVICE_ID": "TOKEN"}}') from None
+    if not isinstance(document, dict) or not all(
+        isinstance(device, str) and isinstance(token, str) and token
+        for device, token in document.items()
+    ):
+        raise TokenError(
+            f'{path}: expected a JSON object of device ids to tokens, {{"DEVICE_ID": "TOKEN"}}'
+        )
+    return dict(document)
+
+
+def write_token_file(path: str | os.PathLike[str], tokens: Mapping[str, str]) -> Path:
+    """Write (or add to) a token file, readable by its owner only; returns its path."""
+    target = Path(path)
+    merged = read_token_file(target) if target.exists() else {}
+    merged.update(tokens)
+    write_text_atomic(target, json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    os.chmod(target, 0o600)
+    return target
