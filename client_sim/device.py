@@ -12,7 +12,10 @@ same call with exponential backoff and jitter (giving up after ``RetryPolicy.giv
 seconds of failure); ``NOT_FOUND`` on ``GetTask`` registers again; ``NOT_FOUND``,
 ``PERMISSION_DENIED`` and ``FAILED_PRECONDITION`` on a task drop the task and ask for the next;
 ``INVALID_ARGUMENT`` (and ``RESOURCE_EXHAUSTED``, ``OUT_OF_RANGE``) are logged as a bug and drop
-the task.
+the task. Two more come from an authenticating gateway: ``UNAUTHENTICATED`` (a missing, unknown or
+revoked token) ends the device with :class:`DeviceError`, and ``RESOURCE_EXHAUSTED`` carrying a
+``retry-after-ms`` trailing metadata (the device's rate limit) waits that long and retries the
+same call. With a ``token``, every call carries ``authorization: Bearer <token>`` metadata.
 
 For tests and demonstrations a device can drop out (``drop_probability``: after downloading a
 task's model it vanishes without submitting, as a phone that loses power would) or straggle
@@ -40,6 +43,7 @@ import numpy as np
 from fedcoreml.client_sim.emulator import CoreMLEmulator
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
 from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.gateway.auth import RETRY_AFTER_KEY, bearer_metadata
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes, spec_to_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
 from fedcoreml.ios_bridge.tensor_codec import (
@@ -170,6 +174,7 @@ class DeviceStats:
     tasks_evaluated: int = 0  # evaluations the coordinator accepted
     failures: int = 0  # tasks dropped: refused, bad model, rejected submission
     retries: int = 0  # calls retried after UNAVAILABLE / DEADLINE_EXCEEDED
+    throttled: int = 0  # calls retried after RESOURCE_EXHAUSTED with a retry-after (rate limit)
     models_built: int = 0  # Keras models built (one per distinct architecture)
     last_round: int | None = None
     last_train_accuracy: float | None = None
@@ -189,10 +194,11 @@ class DeviceStats:
     def summary(self) -> str:
         """One line: tasks, failures, last accuracy and how the device ended."""
         accuracy = "-" if self.last_accuracy is None else f"{self.last_accuracy:.4f}"
+        throttled = f", throttled {self.throttled}" if self.throttled else ""
         return (
             f"{self.device_id}: trained {self.tasks_trained}, evaluated {self.tasks_evaluated}, "
-            f"failures {self.failures}, retries {self.retries}, last accuracy {accuracy}; "
-            f"{self.outcome}"
+            f"failures {self.failures}, retries {self.retries}{throttled}, "
+            f"last accuracy {accuracy}; {self.outcome}"
         )
 
 
@@ -229,6 +235,20 @@ def _app_version() -> str:
 
 def _describe(exc: grpc.RpcError) -> str:
     return f"{exc.code().name}: {exc.details()}"
+
+
+def _retry_after_s(exc: grpc.RpcError) -> float | None:
+    """The wait a ``RESOURCE_EXHAUSTED`` asks for (``retry-after-ms``), or None if it asks none."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = getattr(exc, "trailing_metadata", lambda: None)() or ()
+    for key, value in trailing:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
 
 
 class _Backoff:
@@ -291,6 +311,7 @@ class SimulatedDevice:
         os_version: str = "simulated",
         app_version: str | None = None,
         capabilities: device_pb2.DeviceCapabilities | None = None,
+        token: str | None = None,
     ) -> None:
         if not 0.0 <= drop_probability <= 1.0:
             raise ValueError(f"drop_probability must lie in [0, 1], got {drop_probability}")
@@ -300,6 +321,7 @@ class SimulatedDevice:
         self.data = data
         self.stats = DeviceStats(device_id)
         self._stub = device_pb2_grpc.DeviceServiceStub(channel)
+        self._metadata = bearer_metadata(token) if token else None
         self._seed = seed
         # Separate streams, so that network timing (jitter draws) never changes who drops out.
         self._jitter_rng = random.Random(f"{seed}:jitter")
@@ -399,14 +421,40 @@ class SimulatedDevice:
             try:
                 return call()
             except grpc.RpcError as exc:
-                if exc.code() not in TRANSIENT_CODES:
+                if not self._should_retry(what, exc, backoff):
                     raise
-                self.stats.retries += 1
-                backoff.wait(self.device_id, what, exc)
+
+    def _should_retry(self, what: str, exc: grpc.RpcError, backoff: _Backoff) -> bool:
+        """After a failed call: sleep and say True to retry it, or False to handle ``exc``.
+
+        Raises DeviceError for ``UNAUTHENTICATED`` (no token, or one the coordinator refuses):
+        retrying cannot help, and neither can any other call.
+        """
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise DeviceError(
+                f"the coordinator refused this device's credentials on {what} "
+                f"({_describe(exc)}); check its token (--token-file)"
+            ) from None
+        throttle = _retry_after_s(exc)
+        if throttle is not None:
+            self.stats.throttled += 1
+            delay = min(throttle, self._retry.max_backoff)
+            log.info("%s: %s throttled by the coordinator; retrying in %.3f s", self.device_id,
+                     what, delay)  # fmt: skip
+            self._sleep(delay)
+            return True
+        if exc.code() not in TRANSIENT_CODES:
+            return False
+        self.stats.retries += 1
+        backoff.wait(self.device_id, what, exc)
+        return True
 
     def _register(self) -> None:
         call = functools.partial(
-            self._stub.Register, self._register_request, timeout=self._retry.rpc_timeout
+            self._stub.Register,
+            self._register_request,
+            timeout=self._retry.rpc_timeout,
+            metadata=self._metadata,
         )
         try:
             response = self._call("Register", call)
@@ -430,7 +478,12 @@ class SimulatedDevice:
             request = device_pb2.GetTaskRequest(
                 session_id=self._session_id, capabilities=self._capabilities
             )
-            call = functools.partial(self._stub.GetTask, request, timeout=self._retry.rpc_timeout)
+            call = functools.partial(
+                self._stub.GetTask,
+                request,
+                timeout=self._retry.rpc_timeout,
+                metadata=self._metadata,
+            )
             try:
                 response = self._call("GetTask", call)
             except grpc.RpcError as exc:
@@ -504,7 +557,9 @@ class SimulatedDevice:
             request = device_pb2.DownloadModelRequest(
                 session_id=self._session_id, task_id=task_id, offset=len(data)
             )
-            stream = self._stub.DownloadModel(request, timeout=self._retry.rpc_timeout)
+            stream = self._stub.DownloadModel(
+                request, timeout=self._retry.rpc_timeout, metadata=self._metadata
+            )
             try:
                 for chunk in stream:
                     self._append_chunk(data, chunk, ref)
@@ -512,11 +567,9 @@ class SimulatedDevice:
                     self._check_stop()
                 break
             except grpc.RpcError as exc:
-                if exc.code() not in TRANSIENT_CODES:
-                    raise self._task_error("DownloadModel", exc) from None
-                self.stats.retries += 1
                 what = f"DownloadModel of task {task_id} (resuming at byte {len(data)})"
-                backoff.wait(self.device_id, what, exc)
+                if not self._should_retry(what, exc, backoff):
+                    raise self._task_error("DownloadModel", exc) from None
             finally:
                 stream.cancel()  # a no-op once the stream has ended
         _verify_model(data, ref)
@@ -608,7 +661,9 @@ class SimulatedDevice:
 
         def submit() -> device_pb2.SubmitUpdateResponse:
             stream = encode_update(header, result.parameters, self._chunk_bytes())
-            return self._stub.SubmitUpdate(stream, timeout=self._retry.rpc_timeout)
+            return self._stub.SubmitUpdate(
+                stream, timeout=self._retry.rpc_timeout, metadata=self._metadata
+            )
 
         try:
             response = self._call("SubmitUpdate", submit)
@@ -644,7 +699,10 @@ class SimulatedDevice:
             accuracy=accuracy,
         )
         call = functools.partial(
-            self._stub.SubmitEvaluation, request, timeout=self._retry.rpc_timeout
+            self._stub.SubmitEvaluation,
+            request,
+            timeout=self._retry.rpc_timeout,
+            metadata=self._metadata,
         )
         try:
             response = self._call("SubmitEvaluation", call)

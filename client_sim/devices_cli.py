@@ -75,6 +75,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     devices.add_argument(
         "--device-prefix", default="sim", help="device ids are PREFIX-000, PREFIX-001, ..."
     )
+    devices.add_argument(
+        "--ca-cert",
+        default=None,
+        metavar="FILE",
+        help="connect with TLS, trusting this CA certificate (PEM); without it the connection "
+        "is plaintext (a warning is printed)",
+    )
+    devices.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help='bearer tokens, a JSON object mapping each device id to its token: {"sim-000": '
+        '"fcm_...", ...} (what `fedcoreml tokens create --out FILE` writes); every device '
+        "must have one",
+    )
     devices.add_argument("-v", "--verbose", action="store_true", help="log every poll, too")
     devices.set_defaults(handler=_devices)
 
@@ -103,6 +118,25 @@ def _check(args: argparse.Namespace) -> None:
         )
 
 
+def _security(args: argparse.Namespace) -> dict[str, str]:
+    """Check --ca-cert and read --token-file before any data is loaded; the tokens."""
+    import sys
+
+    from fedcoreml.ios_bridge.gateway.tls import channel_credentials
+    from fedcoreml.ios_bridge.gateway.tokens import read_token_file
+
+    if args.ca_cert is not None:
+        channel_credentials(args.ca_cert)  # a missing or non-PEM file fails here, named
+    else:
+        print(
+            f"fedcoreml devices: warning: connecting to {args.server} without TLS (plaintext); "
+            "pass --ca-cert FILE to encrypt the connection",
+            file=sys.stderr,
+            flush=True,
+        )
+    return read_token_file(args.token_file) if args.token_file is not None else {}
+
+
 def _devices(args: argparse.Namespace) -> int:
     import logging
 
@@ -116,6 +150,7 @@ def _devices(args: argparse.Namespace) -> int:
     )
 
     _check(args)
+    tokens = _security(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("fedcoreml").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     data = load_dataset(args.data_dir)
@@ -129,6 +164,8 @@ def _devices(args: argparse.Namespace) -> int:
         max_concurrent_training=args.concurrent_training,
         retry=RetryPolicy(give_up_after=args.give_up_after),
         device_id_prefix=args.device_prefix,
+        ca_cert=args.ca_cert,
+        tokens=tokens,
     )
     print(
         f"Running {args.count} simulated device(s) against {args.server} on {data.name} "

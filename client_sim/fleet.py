@@ -6,14 +6,19 @@ aside (seeded) as its held-out split for evaluate tasks. :func:`run_fleet` runs 
 :class:`~fedcoreml.client_sim.device.SimulatedDevice` per share in its own thread, each on its
 own gRPC channel to the coordinator, and returns their stats once all have finished (or the stop
 event was set). :func:`pick_devices` chooses which devices drop out or straggle.
+
+With ``FleetOptions.ca_cert`` the channels use TLS and trust that CA; with
+``FleetOptions.tokens`` (device id -> bearer token, as a token file holds them) each device
+authenticates with its own token.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,6 +34,7 @@ from fedcoreml.client_sim.device import (
 )
 from fedcoreml.client_sim.partition import PartitionSpec, partition_indices
 from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.gateway.tls import channel_credentials
 from fedcoreml.ios_bridge.tensor_codec import MAX_MESSAGE_BYTES
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "FleetError",
     "FleetOptions",
     "device_seed",
+    "open_channel",
     "partition_dataset",
     "pick_devices",
     "run_fleet",
@@ -117,7 +124,9 @@ class FleetOptions:
 
     ``drop_devices`` drop out with ``drop_probability`` per task (after downloading a model);
     ``slow_devices`` sleep ``slowdown_seconds`` before each submission. At most
-    ``max_concurrent_training`` devices train or evaluate at once.
+    ``max_concurrent_training`` devices train or evaluate at once. ``ca_cert`` (a PEM file)
+    switches the channels to TLS trusting that CA; ``tokens`` maps every device id to the
+    bearer token it authenticates with (empty: no authentication).
     """
 
     seed: int = 0
@@ -128,9 +137,30 @@ class FleetOptions:
     max_concurrent_training: int = 1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     device_id_prefix: str = "sim"
+    ca_cert: str | os.PathLike[str] | None = None
+    tokens: Mapping[str, str] = field(default_factory=dict)
 
     def device_id(self, index: int) -> str:
         return f"{self.device_id_prefix}-{index:03d}"
+
+
+def open_channel(address: str, ca_cert: str | os.PathLike[str] | None = None) -> grpc.Channel:
+    """A channel to ``address`` with the phone's message limits: TLS if ``ca_cert`` is given."""
+    if ca_cert is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, channel_credentials(ca_cert), options=CHANNEL_OPTIONS)
+
+
+def _device_tokens(options: FleetOptions, count: int) -> list[str | None]:
+    """Each device's token (None for all without ``options.tokens``); FleetError if one lacks."""
+    ids = [options.device_id(index) for index in range(count)]
+    if not options.tokens:
+        return [None] * count
+    missing = [device_id for device_id in ids if device_id not in options.tokens]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FleetError(f"no token for device(s) {', '.join(missing[:3])}{more}")
+    return [options.tokens[device_id] for device_id in ids]
 
 
 def run_fleet(
@@ -149,9 +179,10 @@ def run_fleet(
         raise FleetError(
             f"max_concurrent_training must be at least 1, got {options.max_concurrent_training}"
         )
+    tokens = _device_tokens(options, len(data))
     stop = stop if stop is not None else threading.Event()
     slots = threading.Semaphore(options.max_concurrent_training)
-    channels = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in data]
+    channels = [open_channel(address, options.ca_cert) for _ in data]
     devices = [
         SimulatedDevice(
             channel,
@@ -163,14 +194,21 @@ def run_fleet(
             retry=options.retry,
             drop_probability=options.drop_probability if index in options.drop_devices else 0.0,
             slowdown_seconds=options.slowdown_seconds if index in options.slow_devices else 0.0,
+            token=token,
         )
-        for index, (channel, device_data) in enumerate(zip(channels, data, strict=True))
+        for index, (channel, device_data, token) in enumerate(
+            zip(channels, data, tokens, strict=True)
+        )
     ]
     threads = [
         threading.Thread(target=_run_device, args=(device,), name=device.device_id, daemon=True)
         for device in devices
     ]
-    log.info("starting %d simulated device(s) against %s", len(devices), address)
+    log.info(
+        "starting %d simulated device(s) against %s (%s%s)",
+        len(devices), address, "TLS" if options.ca_cert else "plaintext",
+        ", with tokens" if options.tokens else "",
+    )  # fmt: skip
     try:
         for thread in threads:
             thread.start()

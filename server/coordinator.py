@@ -23,9 +23,12 @@ from fedcoreml.client_sim.data import Dataset, load_dataset
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
 from fedcoreml.ios_bridge.default_model import build_default_model
 from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.gateway.auth import DEFAULT_BURST, DeviceAuthInterceptor, RateLimiter
 from fedcoreml.ios_bridge.gateway.service import DeviceService, start_server
 from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
 from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard
+from fedcoreml.ios_bridge.gateway.tls import server_credentials
+from fedcoreml.ios_bridge.gateway.tokens import TokenStore
 from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
 from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes
 from fedcoreml.ios_bridge.network import parse_network
@@ -36,6 +39,7 @@ from fedcoreml.server.device_grid import (
     EPOCHS_KEY,
     LEARNING_RATE_KEY,
     DeviceGrid,
+    RoundPolicy,
     arrays_to_parameters,
     parameters_to_arrays,
 )
@@ -70,6 +74,13 @@ class CoordinatorConfig:
     eval_data: str | None = None  # None: the bundled sample's test set
     session_ttl: float = 30.0
     poll_interval_ms: int = 500
+    tls_cert: Path | None = None  # with tls_key: serve devices over TLS
+    tls_key: Path | None = None
+    require_tokens: bool = False  # devices must present a token from the run's tokens.json
+    rate_limit: float = 5.0  # calls per second per device (with tokens), burst 20
+    over_selection: float = 1.0  # e.g. 1.3: ask 30 % more devices, close at the number wanted
+    min_reports: int = 1  # fewer valid reports: the round is abandoned and sent again
+    max_attempts: int = 3
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,8 +91,9 @@ class CoordinatorConfig:
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
         values["run_dir"] = Path(values["run_dir"])
-        if values.get("model") is not None:
-            values["model"] = Path(values["model"])
+        for key in ("model", "tls_cert", "tls_key"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
         return cls(**values)
 
 
@@ -98,6 +110,7 @@ class RoundRecord:
     model_sha256: str
     evaluated_devices: int = 0
     device_accuracy: float | None = None
+    abandoned_attempts: int = 0  # sent again for too few reports
 
 
 class Coordinator:
@@ -123,6 +136,15 @@ class Coordinator:
             )
         if not 0 < config.fraction <= 1:
             raise CoordinatorConfigError(f"--fraction must lie in (0, 1], got {config.fraction}")
+        if config.over_selection < 1:
+            raise CoordinatorConfigError(
+                f"--over-selection must be at least 1, got {config.over_selection}"
+            )
+        if not 1 <= config.min_reports <= config.min_devices:
+            raise CoordinatorConfigError(
+                f"--min-reports must lie in [1, --min-devices={config.min_devices}], "
+                f"got {config.min_reports}"
+            )
         if config.round_timeout <= 0:
             raise CoordinatorConfigError(
                 f"--round-timeout must be positive, got {config.round_timeout}"
@@ -152,6 +174,7 @@ class Coordinator:
         self.grid = DeviceGrid(
             self.registry, self.board, self.store, self.run_id, config.round_timeout,
             round_offset=self.start_round,
+            policy=RoundPolicy(config.over_selection, config.min_reports, config.max_attempts),
         )  # fmt: skip
         self.records: list[RoundRecord] = []
         self._server = None
@@ -185,8 +208,33 @@ class Coordinator:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> int:
-        self._server, self.port = start_server(self.service, self.config.listen)
-        log.info("listening for devices on port %d", self.port)
+        config = self.config
+        credentials = None
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise CoordinatorConfigError("--tls-cert and --tls-key go together")
+            credentials = server_credentials(config.tls_cert, config.tls_key)
+        interceptors = []
+        if config.require_tokens:
+            tokens = TokenStore(config.run_dir)
+            if not any(info.status == "active" for info in tokens.list()):
+                log.warning(
+                    "no active device token in %s/tokens.json: every device will be refused "
+                    "(create some with: fedcoreml tokens create --run-dir %s)",
+                    config.run_dir, config.run_dir,
+                )  # fmt: skip
+            interceptors.append(
+                DeviceAuthInterceptor(tokens, RateLimiter(config.rate_limit, DEFAULT_BURST))
+            )
+        self._server, self.port = start_server(
+            self.service, config.listen, credentials=credentials, interceptors=interceptors
+        )
+        log.info(
+            "listening for devices on port %d (%s, %s)",
+            self.port,
+            "TLS" if credentials else "PLAINTEXT",
+            "device tokens required" if config.require_tokens else "no device authentication",
+        )
         return self.port
 
     def stop(self, grace_s: float = 1.0) -> None:
@@ -304,6 +352,7 @@ class Coordinator:
             model_sha256=model.sha256,
             evaluated_devices=evaluate.reported if evaluate else 0,
             device_accuracy=evaluate.accuracy if evaluate else None,
+            abandoned_attempts=train.abandoned if train else 0,
         )
         self.run_dir.append_metrics(asdict(record))
         self.records.append(record)

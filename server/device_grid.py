@@ -10,6 +10,8 @@ comes back as the reply message Flower expects: an ``ArrayRecord`` of the update
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 import uuid
@@ -51,6 +53,21 @@ ROUND_KEY = "server-round"  # injected by Flower's strategies
 DEVICE_FAILED = 1001
 
 
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How DeviceGrid copes with devices that vanish or straggle.
+
+    ``over_selection``: ask this many times the devices a strategy sampled (other live devices
+    make up the difference) and close as soon as the sampled number reported, as production FL
+    systems do (~1.3). ``min_reports``: an exchange with fewer valid reports is abandoned and
+    sent again to a fresh sample, up to ``max_attempts`` times in all.
+    """
+
+    over_selection: float = 1.0
+    min_reports: int = 1
+    max_attempts: int = 3
+
+
 @dataclass
 class ExchangeStats:
     """One send_and_receive: what was asked of how many devices and what came back."""
@@ -64,6 +81,7 @@ class ExchangeStats:
     examples: int = 0
     accuracy: float | None = None  # examples-weighted mean of what the devices reported
     seconds: float = 0.0
+    abandoned: int = 0  # attempts abandoned for too few reports before this one
 
 
 def arrays_to_parameters(arrays: ArrayRecord) -> list[tuple[str, object]]:
@@ -85,12 +103,14 @@ class DeviceGrid(Grid):
         run_id: int,
         task_timeout_s: float = 600.0,
         round_offset: int = 0,
+        policy: RoundPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.board = board
         self.store = store
         self.task_timeout_s = task_timeout_s
         self.round_offset = round_offset
+        self.policy = policy or RoundPolicy()
         self._run = Run.create_empty(run_id)
         self._lock = threading.Lock()
         self._pushed: dict[str, tuple[Message, Task]] = {}  # message id -> (instruction, task)
@@ -151,17 +171,49 @@ class DeviceGrid(Grid):
         messages = list(messages)
         if not messages:
             return []
+        wanted = len(messages)
+        wait_s = self.task_timeout_s if timeout is None else min(timeout, self.task_timeout_s)
+        abandoned = 0
+        while True:
+            batch = self._over_select(messages)
+            replies, stats = self._exchange(batch, wanted, wait_s)
+            if stats.reported >= self.policy.min_reports:
+                break
+            if abandoned + 1 >= self.policy.max_attempts:
+                log.warning(
+                    "round %d: %s still has only %d report(s) after %d attempts (minimum %d); "
+                    "going on with what arrived", stats.round, stats.kind, stats.reported,
+                    abandoned + 1, self.policy.min_reports,
+                )  # fmt: skip
+                break
+            abandoned += 1
+            log.warning(
+                "round %d: %s abandoned with %d of %d report(s) (minimum %d); sending it again "
+                "(attempt %d of %d)", stats.round, stats.kind, stats.reported, stats.sampled,
+                self.policy.min_reports, abandoned + 1, self.policy.max_attempts,
+            )  # fmt: skip
+            messages = self._resample(messages, wait_s)
+        stats.abandoned = abandoned
+        stats.started_at = started_at
+        stats.seconds = time.monotonic() - start
+        self.history.append(stats)
+        log.info(
+            "round %d: %s closed: %d reported, %d failed, %d examples, %.1f s",
+            stats.round, stats.kind, stats.reported, stats.failed, stats.examples, stats.seconds,
+        )  # fmt: skip
+        return replies
+
+    def _exchange(
+        self, messages: list[Message], wanted: int, wait_s: float
+    ) -> tuple[list[Message], ExchangeStats]:
         ids = list(self.push_messages(messages))
         with self._lock:
             tasks = [self._pushed[i][1] for i in ids]
-        stats = ExchangeStats(
-            kind=tasks[0].kind, round=tasks[0].round, started_at=started_at, sampled=len(tasks)
-        )
+        stats = ExchangeStats(kind=tasks[0].kind, round=tasks[0].round, sampled=len(tasks))
         log.info("round %d: %s task sent to %d device(s)", stats.round, stats.kind, stats.sampled)
-        wait_s = self.task_timeout_s if timeout is None else min(timeout, self.task_timeout_s)
         task_ids = [t.task_id for t in tasks]
-        self.board.wait(task_ids, wait_s, self.registry.is_live)
-        self.board.close(task_ids, "round closed")
+        self.board.wait(task_ids, wait_s, self.registry.is_live, enough=wanted)
+        self.board.close(task_ids, "round closed")  # stragglers past this point are refused
         replies = list(self.pull_messages(ids))
         weighted_accuracy = 0.0
         for reply in replies:
@@ -174,13 +226,42 @@ class DeviceGrid(Grid):
             weighted_accuracy += float(metrics["accuracy"]) * int(metrics["num-examples"])
         if stats.examples:
             stats.accuracy = weighted_accuracy / stats.examples
-        stats.seconds = time.monotonic() - start
-        self.history.append(stats)
-        log.info(
-            "round %d: %s closed: %d reported, %d failed, %d examples, %.1f s",
-            stats.round, stats.kind, stats.reported, stats.failed, stats.examples, stats.seconds,
-        )  # fmt: skip
-        return replies
+        return replies, stats
+
+    def _copy_to(self, message: Message, node_id: int) -> Message:
+        return Message(
+            message.content,
+            node_id,
+            message.metadata.message_type,
+            group_id=message.metadata.group_id,
+        )
+
+    def _over_select(self, messages: list[Message]) -> list[Message]:
+        """The strategy's messages plus copies for extra live devices (over-selection)."""
+        extra = math.ceil(len(messages) * (self.policy.over_selection - 1.0) - 1e-9)
+        if extra <= 0:
+            return messages
+        chosen = {m.metadata.dst_node_id for m in messages}
+        spare = [n for n in self.registry.live_node_ids() if n not in chosen]
+        picked = random.sample(spare, min(extra, len(spare)))
+        return messages + [self._copy_to(messages[0], node) for node in picked]
+
+    def _resample(self, messages: list[Message], wait_s: float) -> list[Message]:
+        """The same messages for a fresh random sample of live devices.
+
+        Waits (up to ``wait_s``) until enough devices are live to meet the minimum.
+        """
+        needed = max(1, min(len(messages), self.policy.min_reports))
+        end = time.monotonic() + wait_s
+        live = self.registry.live_node_ids()
+        while len(live) < needed and time.monotonic() < end:
+            time.sleep(0.1)
+            live = self.registry.live_node_ids()
+        while not live:  # nobody at all: wait for a device rather than send nothing
+            time.sleep(0.2)
+            live = self.registry.live_node_ids()
+        nodes = random.sample(live, min(len(messages), len(live)))
+        return [self._copy_to(messages[0], node) for node in nodes]
 
     # -- translation --------------------------------------------------------------------------
 

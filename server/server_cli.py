@@ -51,6 +51,19 @@ def _add_run_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     parser.add_argument(
         "--round-timeout", type=float, default=600.0, help="seconds before a round closes"
     )
+    parser.add_argument(
+        "--over-selection",
+        type=float,
+        default=1.0,
+        help="ask this many times the devices needed (e.g. 1.3) and close the round as soon as "
+        "the needed number reported",
+    )
+    parser.add_argument(
+        "--min-reports",
+        type=int,
+        default=1,
+        help="a round with fewer reports is abandoned and sent again (up to 3 attempts)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,6 +90,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="held-out data for the server's evaluation (default: the bundled sample)",
     )
     server.add_argument("--session-ttl", type=float, default=30.0, help="idle device timeout, s")
+    server.add_argument("--tls-cert", type=Path, help="PEM certificate for the device port")
+    server.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    server.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve devices over plaintext gRPC (needed when no --tls-cert is given)",
+    )
+    server.add_argument(
+        "--require-tokens",
+        action="store_true",
+        help="refuse devices without a valid token from RUN_DIR/tokens.json (see fedcoreml tokens)",
+    )
+    server.add_argument(
+        "--rate-limit", type=float, default=5.0, help="calls per second per device (with tokens)"
+    )
     server.set_defaults(handler=_server)
 
     demo = subparsers.add_parser(
@@ -125,14 +153,23 @@ def _coordinator_config(args: argparse.Namespace, **extra):
         batch_size=args.batch_size,
         learning_rate=args.lr,
         round_timeout=args.round_timeout,
+        over_selection=args.over_selection,
+        min_reports=args.min_reports,
         **extra,
     )
 
 
 def _server(args: argparse.Namespace) -> int:
+    import logging
+
     from fedcoreml.server.coordinator import Coordinator, CoordinatorConfigError
 
     _setup_logging(verbose=True)
+    tls = args.tls_cert is not None or args.tls_key is not None
+    if not tls and not args.insecure and args.resume is None:
+        raise CoordinatorConfigError(
+            "give --tls-cert and --tls-key, or --insecure to serve devices over plaintext"
+        )
     if args.resume is not None:
         coordinator = Coordinator.resume(args.resume, listen=args.listen)
     else:
@@ -148,7 +185,16 @@ def _server(args: argparse.Namespace) -> int:
                 listen=args.listen or "127.0.0.1:50051",
                 eval_data=args.eval_data_dir,
                 session_ttl=args.session_ttl,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                require_tokens=args.require_tokens,
+                rate_limit=args.rate_limit,
             )
+        )
+    if coordinator.config.tls_cert is None:
+        logging.getLogger("fedcoreml.coordinator").warning(
+            "INSECURE: devices connect over PLAINTEXT gRPC; anyone on the network can read and "
+            "alter models and updates. Use --tls-cert/--tls-key outside a trusted network."
         )
     coordinator.start()
     try:

@@ -35,7 +35,10 @@ class ScriptedDevice:
     num_examples: int
     offset: float  # added to every received parameter
     die_in_round: int | None = None  # vanish after downloading this round's model
+    delay_s: float = 0.0  # straggle this long before submitting
+    rejoin_after_s: float | None = None  # after dying, come back as a relaunched app
     submissions: list[Submission] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     evaluations: int = 0
     finished: bool = False
     error: BaseException | None = None
@@ -47,6 +50,13 @@ class ScriptedDevice:
             self.error = exc
 
     def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if self._session(stop) != "died" or self.rejoin_after_s is None:
+                return
+            time.sleep(self.rejoin_after_s)
+            self.die_in_round = None
+
+    def _session(self, stop: threading.Event) -> str:
         with grpc.insecure_channel(self.address) as channel:
             stub = device_pb2_grpc.DeviceServiceStub(channel)
             session = stub.Register(
@@ -59,17 +69,24 @@ class ScriptedDevice:
                     time.sleep(reply.wait.retry_after_ms / 1000)
                 elif kind == "finished":
                     self.finished = True
-                    return
+                    return "finished"
                 elif kind == "train":
                     task = reply.train
                     model = download(stub, session, task.task_id, task.model)
                     if self.die_in_round == task.round:
-                        return  # the phone vanished mid-task
+                        return "died"  # the phone vanished mid-task
                     received = get_parameters(spec_from_bytes(model))
                     sent = [(n, (v + np.float32(self.offset)).astype(np.float32))
                             for n, v in received]  # fmt: skip
                     header = UpdateHeader(session, task.task_id, self.num_examples, 0.5, 0.5, 0.1)
-                    stub.SubmitUpdate(encode_update(header, sent, chunk_bytes=512 * 1024))
+                    time.sleep(self.delay_s)
+                    try:
+                        stub.SubmitUpdate(encode_update(header, sent, chunk_bytes=512 * 1024))
+                    except grpc.RpcError as exc:
+                        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                            raise
+                        self.refused.append(exc.details())  # a straggler: the round closed
+                        continue
                     self.submissions.append(Submission(task.round, self.num_examples, sent))
                 elif kind == "evaluate":
                     task = reply.evaluate
@@ -84,6 +101,7 @@ class ScriptedDevice:
                         )
                     )
                     self.evaluations += 1
+        return "stopped"
 
 
 def download(stub, session: str, task_id: str, ref: device_pb2.ModelRef) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -150,3 +151,61 @@ def test_fedprox_is_refused_with_the_reason(tmp_path):
     with pytest.raises(StrategyError, match="proximal term"):
         Coordinator(CoordinatorConfig(run_dir=tmp_path, rounds=1, min_devices=1,
                                       strategy="fedprox"))  # fmt: skip
+
+
+def test_over_selection_closes_the_round_without_the_stragglers(tmp_path):
+    config = CoordinatorConfig(
+        run_dir=tmp_path / "run", rounds=1, min_devices=5, fraction=0.6, over_selection=1.34,
+        round_timeout=30, poll_interval_ms=50,
+    )  # fmt: skip
+    coordinator = Coordinator(config)
+    port = coordinator.start()
+    fast = [ScriptedDevice(f"127.0.0.1:{port}", f"fast-{i}", 100 * (i + 1), 0.01 * i)
+            for i in range(3)]  # fmt: skip
+    slow = [ScriptedDevice(f"127.0.0.1:{port}", f"slow-{i}", 50, 0.5, delay_s=4.0)
+            for i in range(2)]  # fmt: skip
+    stop, threads = start_devices(fast + slow)
+    started = time.monotonic()
+    try:
+        coordinator.run()
+        elapsed = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while not all(d.refused for d in slow) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the stragglers submit late, to a closed round
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        coordinator.stop()
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    # the strategy wanted 3 (60 % of 5); 5 were asked; the round closed at 3 reports
+    assert line["devices_sampled"] == 5 and line["devices_reported"] == 3
+    assert elapsed < 4.0  # it did not wait for the stragglers
+    assert all(d.refused and "is closed" in d.refused[0] for d in slow)  # refused, late
+    accepted = [s for d in fast for s in d.submissions]
+    r1 = dict(get_parameters(load_spec(tmp_path / "run" / "models" / "round-0001.mlmodel")))
+    for name, value in weighted_mean(accepted).items():
+        np.testing.assert_allclose(r1[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_round_with_too_few_reports_is_abandoned_and_sent_again(tmp_path):
+    spec = [(100, 0.01, None), (300, -0.02, 1), (600, 0.05, 1)]  # two vanish in round 1 ...
+    config = CoordinatorConfig(run_dir=tmp_path / "run", rounds=2, min_devices=3, min_reports=2,
+                               round_timeout=2, session_ttl=1, poll_interval_ms=50)  # fmt: skip
+    coordinator = Coordinator(config)
+    port = coordinator.start()
+    devices = [ScriptedDevice(f"127.0.0.1:{port}", f"phone-{i}", n, off, die,
+                              rejoin_after_s=2.5)  # ... and come back a little later
+               for i, (n, off, die) in enumerate(spec)]  # fmt: skip
+    stop, threads = start_devices(devices)
+    try:
+        coordinator.run()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        coordinator.stop()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["abandoned_attempts"] >= 1
+    assert lines[1]["devices_reported"] >= 2
+    assert [line["round"] for line in lines] == [0, 1, 2]

@@ -17,7 +17,7 @@ CLI = [sys.executable, "-m", "fedcoreml.server.cli"]
 def test_server_and_devices_processes(tmp_path):
     run_dir = tmp_path / "run"
     server = subprocess.Popen(
-        [*CLI, "server", "--listen", "127.0.0.1:0", "--run-dir", str(run_dir),
+        [*CLI, "server", "--insecure", "--listen", "127.0.0.1:0", "--run-dir", str(run_dir),
          "--min-devices", "2", "--rounds", "2", "--local-epochs", "1", "--batch-size", "32",
          "--lr", "0.001", "--fraction-evaluate", "1", "--round-timeout", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -43,7 +43,8 @@ def test_kill_9_twice_and_resume(tmp_path):
     address = f"127.0.0.1:{port}"
     log = tmp_path / "server.log"
     server = start_server(
-        ["--listen", address, "--run-dir", str(run_dir), "--min-devices", "3", "--rounds", "4",
+        ["--insecure", "--listen", address, "--run-dir", str(run_dir), "--min-devices", "3",
+         "--rounds", "4",
          "--local-epochs", "1", "--batch-size", "32", "--lr", "0.001", "--round-timeout", "60",
          "--session-ttl", "5"], log)  # fmt: skip
     devices = subprocess.Popen(

@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
@@ -118,7 +119,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     max_message_bytes=MAX_MESSAGE_BYTES,
                     chunk_bytes=DEFAULT_CHUNK_BYTES,
                     session_ttl_ms=int(self.registry.idle_ttl_s * 1000),
-                    long_poll_ms=self.long_poll_ms,
+                    long_poll_ms=min(self.long_poll_ms, int(self.registry.idle_ttl_s * 500)),
                 ),
             )
 
@@ -129,10 +130,15 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             session = self._session(request.session_id)
             task = self.board.next_task(session.node_id)
             if task is None and self.long_poll_ms > 0 and self._long_polls.acquire(blocking=False):
-                try:  # idle devices wait here for work instead of polling again and again
-                    task = self.board.wait_for_task(session.node_id, self.long_poll_ms / 1000)
+                # An idle device waits here for work instead of polling again and again; it
+                # stays live meanwhile (the wait is never longer than half the session TTL).
+                wait_s = min(self.long_poll_ms / 1000, self.registry.idle_ttl_s / 2)
+                self.registry.hold(session.node_id, time.monotonic() + wait_s + 1.0)
+                try:
+                    task = self.board.wait_for_task(session.node_id, wait_s)
                 finally:
                     self._long_polls.release()
+                    self.registry.release(session.node_id)
                 session = self._session(request.session_id)
             if task is not None:
                 # Working on a task, a device may stay silent until the task's deadline.

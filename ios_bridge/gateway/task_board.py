@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +26,7 @@ from fedcoreml.ios_bridge.gateway.errors import (
 )
 
 TaskKind = Literal["train", "evaluate"]
+CLOSED_TASKS_KEPT = 100_000
 TaskStatus = Literal["pending", "submitted", "failed"]
 
 
@@ -86,6 +88,9 @@ class TaskBoard:
         self._clock = clock
         self._cond = threading.Condition()
         self._tasks: dict[str, Task] = {}
+        # Ended tasks already handed to the coordinator, kept (bounded) so that a late or
+        # repeated submission is told its round is closed rather than "unknown task".
+        self._closed: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
         self._finished_model: RoundModel | None = None
         self._finished_reason = ""
         self._told_finished: set[int] = set()
@@ -121,8 +126,9 @@ class TaskBoard:
         timeout_s: float | None,
         is_live: Callable[[int], bool],
         poll_s: float = 0.2,
+        enough: int | None = None,
     ) -> None:
-        """Block until every task ended, the timeout passed, or only dead devices are left.
+        """Block until every task ended, ``enough`` were submitted, or the timeout passed.
 
         A task whose device is no longer live is failed on the way, so a vanished phone never
         holds up a round.
@@ -138,6 +144,9 @@ class TaskBoard:
                     elif self._clock() > task.deadline:
                         self._fail(task, "deadline passed")
                 if all(self._tasks[i].status != "pending" for i in ids):
+                    return
+                submitted = sum(self._tasks[i].status == "submitted" for i in ids)
+                if enough is not None and submitted >= enough:
                     return
                 remaining = None if end is None else end - self._clock()
                 if remaining is not None and remaining <= 0:
@@ -160,6 +169,11 @@ class TaskBoard:
                 for i in list(task_ids)
                 if i in self._tasks and self._tasks[i].status != "pending"
             ]
+            for task in ended:
+                reason = "already submitted" if task.status == "submitted" else task.failure
+                self._closed[task.task_id] = (task.node_id, task.round, reason)
+            while len(self._closed) > CLOSED_TASKS_KEPT:
+                self._closed.popitem(last=False)
             return ended
 
     def finish_run(self, final_model: RoundModel | None, reason: str = "run complete") -> None:
@@ -226,8 +240,15 @@ class TaskBoard:
         """A task a device may act on, or the reason it may not."""
         with self._cond:
             task = self._tasks.get(task_id)
+            if task is None and task_id in self._closed:
+                owner, round_number, reason = self._closed[task_id]
+                if owner != node_id:
+                    raise PermissionDeniedError(f"task {task_id} was given to another device")
+                raise FailedPreconditionError(
+                    f"task {task_id} of round {round_number} is closed ({reason})"
+                )
             if task is None:
-                raise NotFoundError(f"unknown task id {task_id!r:.40} (or its round is over)")
+                raise NotFoundError(f"unknown task id {task_id!r:.40}")
             if task.node_id != node_id:
                 raise PermissionDeniedError(f"task {task_id} was given to another device")
             if kind is not None and task.kind != kind:
