@@ -180,6 +180,7 @@ class DeviceStats:
     last_train_accuracy: float | None = None
     last_accuracy: float | None = None  # on the held-out split, from the last evaluate task
     dropped_out: bool = False
+    dropouts: int = 0  # times the device vanished mid-task (it may have come back)
     finished: bool = False
     error: str | None = None
 
@@ -308,6 +309,8 @@ class SimulatedDevice:
         retry: RetryPolicy | None = None,
         drop_probability: float = 0.0,
         slowdown_seconds: float = 0.0,
+        drops_in_round: Callable[[int], bool] | None = None,
+        rejoin_after_seconds: float | None = None,
         os_version: str = "simulated",
         app_version: str | None = None,
         capabilities: device_pb2.DeviceCapabilities | None = None,
@@ -330,6 +333,8 @@ class SimulatedDevice:
         self._stop = stop if stop is not None else threading.Event()
         self._retry = retry if retry is not None else RetryPolicy()
         self._drop_probability = drop_probability
+        self._drops_in_round = drops_in_round
+        self._rejoin_after = rejoin_after_seconds
         self._slowdown = slowdown_seconds
         if capabilities is None:
             capabilities = device_pb2.DeviceCapabilities(
@@ -387,7 +392,11 @@ class SimulatedDevice:
                 self._wait(response.wait)
             elif kind in ("train", "evaluate"):
                 if not self._run_task(kind, getattr(response, kind)):
-                    return  # dropped out
+                    if self._rejoin_after is None:
+                        return  # dropped out for good
+                    # The app is relaunched: a new session, the old task forgotten.
+                    self._sleep(self._rejoin_after)
+                    self._register()
             else:
                 log.warning("%s: GetTask answered with no task; polling again", self.device_id)
                 self._sleep(self._poll_seconds())
@@ -530,8 +539,15 @@ class SimulatedDevice:
         )  # fmt: skip
         try:
             model_bytes = self._download(task.task_id, task.model)
-            if self._drop_probability and self._drop_rng.random() < self._drop_probability:
+            scheduled = (
+                kind == "train"
+                and self._drops_in_round is not None
+                and self._drops_in_round(task.round)
+            )
+            drawn = self._drop_probability and self._drop_rng.random() < self._drop_probability
+            if scheduled or drawn:
                 self.stats.dropped_out = True
+                self.stats.dropouts += 1
                 log.warning(
                     "%s: dropping out during task %s (simulated: the phone vanished after the "
                     "download; nothing will be submitted)", self.device_id, task.task_id,

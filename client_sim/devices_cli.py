@@ -57,6 +57,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="F",
         help="fraction of the devices that straggle (sleep --slow-seconds before submitting)",
     )
+    devices.add_argument(
+        "--drop-each-round",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="each round, this fraction of the devices vanish mid-task (a fresh choice per round)",
+    )
+    devices.add_argument(
+        "--rejoin-after",
+        type=float,
+        default=None,
+        metavar="S",
+        help="a device that vanished comes back this many seconds later, as a relaunched app",
+    )
     devices.add_argument("--slow-seconds", type=float, default=0.0, metavar="S")
     devices.add_argument(
         "--give-up-after",
@@ -105,7 +119,7 @@ def _check(args: argparse.Namespace) -> None:
         raise DevicesArgumentError(
             f"--drop-probability must lie in [0, 1], got {args.drop_probability}"
         )
-    for option in ("drop_fraction", "slow_fraction"):
+    for option in ("drop_fraction", "slow_fraction", "drop_each_round"):
         value = getattr(args, option)
         if not 0.0 <= value <= 1.0:
             flag = "--" + option.replace("_", "-")
@@ -159,6 +173,8 @@ def _devices(args: argparse.Namespace) -> int:
         seed=args.seed,
         drop_devices=pick_devices(args.count, args.drop_fraction, args.seed, "drop"),
         drop_probability=args.drop_probability,
+        drop_each_round=args.drop_each_round,
+        rejoin_after_seconds=args.rejoin_after,
         slow_devices=pick_devices(args.count, args.slow_fraction, args.seed, "slow"),
         slowdown_seconds=args.slow_seconds,
         max_concurrent_training=args.concurrent_training,

@@ -132,6 +132,10 @@ class FleetOptions:
     seed: int = 0
     drop_devices: Collection[int] = frozenset()
     drop_probability: float = 1.0
+    # Each round, this fraction of the devices (a fresh seeded choice per round) vanish mid-task;
+    # with rejoin_after_seconds they come back that much later as a relaunched app.
+    drop_each_round: float = 0.0
+    rejoin_after_seconds: float | None = None
     slow_devices: Collection[int] = frozenset()
     slowdown_seconds: float = 0.0
     max_concurrent_training: int = 1
@@ -194,6 +198,8 @@ def run_fleet(
             retry=options.retry,
             drop_probability=options.drop_probability if index in options.drop_devices else 0.0,
             slowdown_seconds=options.slowdown_seconds if index in options.slow_devices else 0.0,
+            drops_in_round=_round_dropper(options, len(data), index),
+            rejoin_after_seconds=options.rejoin_after_seconds,
             token=token,
         )
         for index, (channel, device_data, token) in enumerate(
@@ -221,6 +227,18 @@ def run_fleet(
         for channel in channels:
             channel.close()
     return [device.stats for device in devices]
+
+
+def _round_dropper(options: FleetOptions, count: int, index: int):
+    """Whether device ``index`` vanishes in a given round, or None when nobody does."""
+    if options.drop_each_round <= 0:
+        return None
+
+    def drops(round_number: int) -> bool:
+        chosen = pick_devices(count, options.drop_each_round, options.seed, f"round-{round_number}")
+        return index in chosen
+
+    return drops
 
 
 def _run_device(device: SimulatedDevice) -> None:

@@ -107,6 +107,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             session = self.registry.register(
                 request.device_id, request.platform, request.os_version, request.app_version
             )
+            # A device that registers again has restarted: whatever it was doing is lost.
+            self.board.fail_node_tasks(session.node_id, "device registered again")
             log.info(
                 "device %s registered (%s %s, app %s) as node %d",
                 request.device_id, request.platform, request.os_version,

@@ -153,6 +153,13 @@ class TaskBoard:
                     return
                 self._cond.wait(poll_s if remaining is None else min(poll_s, remaining))
 
+    def fail_node_tasks(self, node_id: int, reason: str) -> None:
+        """End every pending task of a node as failed (its app restarted and lost them)."""
+        with self._cond:
+            for task in self._tasks.values():
+                if task.node_id == node_id and task.status == "pending":
+                    self._fail(task, reason)
+
     def close(self, task_ids: Iterable[str], reason: str) -> None:
         """End the still-pending tasks as failed: their round is over."""
         with self._cond:
