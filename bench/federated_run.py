@@ -69,10 +69,11 @@ def direct(
     """(wall seconds, final test accuracy) of the same training without federation."""
     from fedcoreml.client_sim.data import load_dataset
     from fedcoreml.client_sim.emulator import CoreMLEmulator
-    from fedcoreml.client_sim.fleet import partition_dataset
+    from fedcoreml.client_sim.fleet import partition_dataset, tune_garbage_collection
     from fedcoreml.ios_bridge.default_model import build_default_model
     from fedcoreml.ios_bridge.parameters import get_parameters
 
+    tune_garbage_collection()  # as the fleet process does, so both sides run alike
     data = load_dataset(data_dir)
     shares = partition_dataset(data, devices, partition, seed)
     spec = build_default_model(seed=seed)

@@ -161,6 +161,7 @@ def _devices(args: argparse.Namespace) -> int:
         partition_dataset,
         pick_devices,
         run_fleet,
+        tune_garbage_collection,
     )
 
     _check(args)
@@ -189,6 +190,7 @@ def _devices(args: argparse.Namespace) -> int:
         f"{len(options.slow_devices)} slow",
         flush=True,
     )
+    tune_garbage_collection()
     stats = run_fleet(args.server, shares, options)
     for entry in stats:
         print(entry.summary())
