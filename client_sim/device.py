@@ -99,6 +99,44 @@ _DEFAULT_TRAINING_SLOTS = threading.Semaphore(1)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Poison:
+    """A malicious device's update, for robustness tests and benchmarks.
+
+    ``scale:F`` sends ``received + F * (trained - received)`` (e.g. F = -10: a boosted,
+    sign-flipped update); ``random`` sends standard-normal values of the right shapes. Both are
+    well-formed, so the gateway accepts them: only a robust strategy can resist them.
+    """
+
+    kind: str
+    factor: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, seed: int = 0) -> Poison:
+        kind, _, value = text.partition(":")
+        if kind == "random" and not value:
+            return cls("random", seed=seed)
+        if kind == "scale":
+            try:
+                return cls("scale", float(value), seed)
+            except ValueError:
+                pass
+        raise DeviceError(f"poison {text!r}: expected 'scale:F' (e.g. scale:-10) or 'random'")
+
+    def apply(
+        self, received: list[tuple[str, np.ndarray]], trained: list[tuple[str, np.ndarray]]
+    ) -> list[tuple[str, np.ndarray]]:
+        rng = np.random.default_rng(self.seed)
+        if self.kind == "random":
+            return [(n, rng.standard_normal(v.shape).astype(np.float32)) for n, v in trained]
+        base = dict(received)
+        return [(n, (base[n] + self.factor * (v - base[n])).astype(np.float32)) for n, v in trained]
+
+    def __str__(self) -> str:
+        return "random" if self.kind == "random" else f"scale:{self.factor:g}"
+
+
 class DeviceError(FedCoreMLError):
     """The device cannot go on: the coordinator stayed unreachable, or refused the device."""
 
@@ -311,6 +349,7 @@ class SimulatedDevice:
         slowdown_seconds: float = 0.0,
         drops_in_round: Callable[[int], bool] | None = None,
         rejoin_after_seconds: float | None = None,
+        poison: Poison | None = None,
         os_version: str = "simulated",
         app_version: str | None = None,
         capabilities: device_pb2.DeviceCapabilities | None = None,
@@ -334,6 +373,7 @@ class SimulatedDevice:
         self._retry = retry if retry is not None else RetryPolicy()
         self._drop_probability = drop_probability
         self._drops_in_round = drops_in_round
+        self._poison = poison
         self._rejoin_after = rejoin_after_seconds
         self._slowdown = slowdown_seconds
         if capabilities is None:
@@ -665,6 +705,9 @@ class SimulatedDevice:
         )  # fmt: skip
         if not _all_finite(result.loss, result.parameters):
             raise _TaskDroppedError(f"training diverged (loss {result.loss}); not submitting")
+        if self._poison is not None:
+            result.parameters = self._poison.apply(get_parameters(spec, name), result.parameters)
+            log.info("%s: submitting a poisoned update (%s)", self.device_id, self._poison)
         self._straggle(task.deadline_ms, started)
         header = UpdateHeader(
             session_id=self._session_id,

@@ -71,6 +71,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="a device that vanished comes back this many seconds later, as a relaunched app",
     )
+    devices.add_argument(
+        "--poison-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of the devices that send poisoned updates (see --poison)",
+    )
+    devices.add_argument(
+        "--poison",
+        default="scale:-10",
+        help="what poisoned devices send: scale:F (received + F x their real update) or random",
+    )
     devices.add_argument("--slow-seconds", type=float, default=0.0, metavar="S")
     devices.add_argument(
         "--give-up-after",
@@ -119,7 +131,7 @@ def _check(args: argparse.Namespace) -> None:
         raise DevicesArgumentError(
             f"--drop-probability must lie in [0, 1], got {args.drop_probability}"
         )
-    for option in ("drop_fraction", "slow_fraction", "drop_each_round"):
+    for option in ("drop_fraction", "slow_fraction", "drop_each_round", "poison_fraction"):
         value = getattr(args, option)
         if not 0.0 <= value <= 1.0:
             flag = "--" + option.replace("_", "-")
@@ -175,6 +187,8 @@ def _devices(args: argparse.Namespace) -> int:
         drop_devices=pick_devices(args.count, args.drop_fraction, args.seed, "drop"),
         drop_probability=args.drop_probability,
         drop_each_round=args.drop_each_round,
+        poison_devices=pick_devices(args.count, args.poison_fraction, args.seed, "poison"),
+        poison=args.poison if args.poison_fraction > 0 else None,
         rejoin_after_seconds=args.rejoin_after,
         slow_devices=pick_devices(args.count, args.slow_fraction, args.seed, "slow"),
         slowdown_seconds=args.slow_seconds,

@@ -30,6 +30,7 @@ from fedcoreml.client_sim.device import (
     DeviceData,
     DeviceError,
     DeviceStats,
+    Poison,
     RetryPolicy,
     SimulatedDevice,
 )
@@ -136,6 +137,8 @@ class FleetOptions:
     # Each round, this fraction of the devices (a fresh seeded choice per round) vanish mid-task;
     # with rejoin_after_seconds they come back that much later as a relaunched app.
     drop_each_round: float = 0.0
+    poison_devices: Collection[int] = frozenset()
+    poison: str | None = None  # "scale:F" or "random", for the poison_devices
     rejoin_after_seconds: float | None = None
     slow_devices: Collection[int] = frozenset()
     slowdown_seconds: float = 0.0
@@ -201,6 +204,11 @@ def run_fleet(
             slowdown_seconds=options.slowdown_seconds if index in options.slow_devices else 0.0,
             drops_in_round=_round_dropper(options, len(data), index),
             rejoin_after_seconds=options.rejoin_after_seconds,
+            poison=(
+                Poison.parse(options.poison, device_seed(options.seed, index))
+                if options.poison and index in options.poison_devices
+                else None
+            ),
             token=token,
         )
         for index, (channel, device_data, token) in enumerate(
