@@ -29,6 +29,7 @@ class Gateway:
             self.registry, self.board, parameter_infos(SPEC), 50, long_poll_ms=100
         )
         self.server, port = start_server(self.service, "127.0.0.1:0")
+        self.port = port
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
 
@@ -211,3 +212,37 @@ def test_an_idle_device_is_handed_work_as_soon_as_it_exists(gw):
     timer.start()
     reply = gw.stub.GetTask(device_pb2.GetTaskRequest(session_id=session), timeout=10)
     assert reply.WhichOneof("task") == "train"  # not "wait": the call waited for the task
+
+
+def test_hostile_transport_level_input_leaves_the_gateway_serving(gw):
+    import socket
+
+    session, node = gw.register("phone-a")
+    task = gw.board.assign(node, "train", 1, MODEL, CONFIG, 30)
+    port = gw.port
+    # garbage bytes on the socket, then a half-open HTTP/2 preface
+    for payload in (bytes(range(256)) * 64, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(payload)
+    # an oversized message (5 MiB in one chunk) is refused by the transport
+    huge = device_pb2.UpdateChunk(tensor=device_pb2.TensorChunk(
+        name="hidden1.weights", shape=[500, 1152], data=b"\0" * (5 * 1024 * 1024)))  # fmt: skip
+    header = device_pb2.UpdateChunk(header=device_pb2.UpdateHeader(
+        session_id=session, task_id=task.task_id, num_examples=10, num_tensors=8))  # fmt: skip
+    code, _ = status_of(lambda: gw.stub.SubmitUpdate(iter([header, huge])))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # a stream that stops in the middle of a tensor
+    messages = list(encode_update(UpdateHeader(session, task.task_id, 10, 0.1, 0.5, 1.0), PARAMS,
+                                  chunk_bytes=512 * 1024))  # fmt: skip
+    cut = next(i for i, m in enumerate(messages) if m.tensor.name == "hidden1.weights") + 2
+    code, details = status_of(lambda: gw.stub.SubmitUpdate(iter(messages[:cut])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "hidden1.weights" in details
+    # an empty tensor
+    empty = [(n, v) for n, v in PARAMS]
+    messages = list(encode_update(UpdateHeader(session, task.task_id, 10, 0.1, 0.5, 1.0), empty))
+    next(m for m in messages if m.tensor.name == "conv1.bias").tensor.data = b""
+    code, details = status_of(lambda: gw.stub.SubmitUpdate(iter(messages)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "0 bytes for shape [32]" in details
+    # through all of it the task stayed open, and an honest update still goes through
+    assert gw.board._tasks[task.task_id].status == "pending"
+    assert submit(gw, session, task.task_id).accepted
