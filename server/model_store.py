@@ -39,7 +39,7 @@ class ModelStore:
         self._spec = Model_pb2.Model()
         self._spec.CopyFrom(base_spec)
         self.infos: list[ParameterInfo] = parameter_infos(self._spec, model_name)
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -58,13 +58,14 @@ class ModelStore:
         parameters = self.as_float32(parameters)
         key = fingerprint(parameters)
         with self._lock:
-            data = self._cache.get(key)
-            if data is None:
+            cached = self._cache.get(key)
+            if cached is None:
                 set_parameters(self._spec, parameters, self.model_name, infos=self.infos)
-                data = spec_to_bytes(self._spec)
-                self._cache[key] = data
+                built = RoundModel.from_bytes(version, spec_to_bytes(self._spec))
+                cached = self._cache[key] = (built.data, built.sha256)  # hashed once
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
             else:
                 self._cache.move_to_end(key)
-        return RoundModel.from_bytes(version, data)
+        data, sha256 = cached
+        return RoundModel(version, data, sha256)
