@@ -46,7 +46,7 @@ from fedcoreml.server.device_grid import (
 from fedcoreml.server.flower_identity import set_task_identity
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.run_dir import RunDirectory
-from fedcoreml.server.strategies import make_strategy
+from fedcoreml.server.strategies import averages_first, make_strategy
 
 log = logging.getLogger("fedcoreml.coordinator")
 
@@ -81,6 +81,9 @@ class CoordinatorConfig:
     over_selection: float = 1.0  # e.g. 1.3: ask 30 % more devices, close at the number wanted
     min_reports: int = 1  # fewer valid reports: the round is abandoned and sent again
     max_attempts: int = 3
+    # Average updates as they arrive (strategies that start with FedAvg's mean): memory stays
+    # one model's worth however many devices report. False holds every update to round end.
+    mean_on_arrival: bool = True
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -174,7 +177,10 @@ class Coordinator:
         self.grid = DeviceGrid(
             self.registry, self.board, self.store, self.run_id, config.round_timeout,
             round_offset=self.start_round,
-            policy=RoundPolicy(config.over_selection, config.min_reports, config.max_attempts),
+            policy=RoundPolicy(
+                config.over_selection, config.min_reports, config.max_attempts,
+                mean_on_arrival=config.mean_on_arrival and averages_first(config.strategy),
+            ),
         )  # fmt: skip
         self.records: list[RoundRecord] = []
         self._server = None

@@ -41,6 +41,7 @@ from fedcoreml.ios_bridge.gateway.task_board import (
     UpdateResult,
 )
 from fedcoreml.server.model_store import ModelStore
+from fedcoreml.server.streaming_mean import StreamingWeightedMean
 
 log = logging.getLogger("fedcoreml.grid")
 
@@ -66,6 +67,9 @@ class RoundPolicy:
     over_selection: float = 1.0
     min_reports: int = 1
     max_attempts: int = 3
+    # Fold each accepted update into a running weighted mean and hand the strategy one reply
+    # holding that mean: only for strategies that start by averaging (see strategies.py).
+    mean_on_arrival: bool = False
 
 
 @dataclass
@@ -139,10 +143,13 @@ class DeviceGrid(Grid):
         return self.registry.live_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._push(messages, None)
+
+    def _push(self, messages: Iterable[Message], sink: StreamingWeightedMean | None) -> list[str]:
         models: dict[int, RoundModel] = {}  # by id() of the ArrayRecord: strategies share one
         ids = []
         for message in messages:
-            task = self._assign(message, models)
+            task = self._assign(message, models, sink)
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's own grids
             with self._lock:
                 self._pushed[message.metadata.message_id] = (message, task)
@@ -206,7 +213,10 @@ class DeviceGrid(Grid):
     def _exchange(
         self, messages: list[Message], wanted: int, wait_s: float
     ) -> tuple[list[Message], ExchangeStats]:
-        ids = list(self.push_messages(messages))
+        sink = None
+        if self.policy.mean_on_arrival and messages[0].metadata.message_type == MessageType.TRAIN:
+            sink = StreamingWeightedMean()
+        ids = self._push(messages, sink)
         with self._lock:
             tasks = [self._pushed[i][1] for i in ids]
         stats = ExchangeStats(kind=tasks[0].kind, round=tasks[0].round, sampled=len(tasks))
@@ -214,7 +224,7 @@ class DeviceGrid(Grid):
         task_ids = [t.task_id for t in tasks]
         self.board.wait(task_ids, wait_s, self.registry.is_live, enough=wanted)
         self.board.close(task_ids, "round closed")  # stragglers past this point are refused
-        replies = list(self.pull_messages(ids))
+        replies = sorted(self.pull_messages(ids), key=self._reply_order)
         weighted_accuracy = 0.0
         for reply in replies:
             if reply.has_error():
@@ -226,7 +236,42 @@ class DeviceGrid(Grid):
             weighted_accuracy += float(metrics["accuracy"]) * int(metrics["num-examples"])
         if stats.examples:
             stats.accuracy = weighted_accuracy / stats.examples
+        if sink is not None:
+            replies = self._with_mean(replies, sink, messages)
         return replies, stats
+
+    def _reply_order(self, reply: Message) -> tuple[str, int]:
+        """Replies in the order of their devices' ids, whatever order they arrived in.
+
+        Aggregating floats in a fixed order makes a round's result reproducible.
+        """
+        node = reply.metadata.src_node_id
+        session = self.registry.session_of(node)
+        return (session.device_id if session is not None else "", node)
+
+    def _with_mean(
+        self, replies: list[Message], sink: StreamingWeightedMean, messages: list[Message]
+    ) -> list[Message]:
+        """The failed devices' replies, and one reply carrying the mean of all the updates.
+
+        The combined reply weighs as all the devices' examples together, so the strategy's own
+        weighted average of it is the mean itself.
+        """
+        sink.settle()
+        failed = [r for r in replies if r.has_error()]
+        if not sink.count:
+            return failed
+        first = next(r for r in replies if not r.has_error())
+        instruction = next(
+            m for m in messages if m.metadata.message_id == first.metadata.reply_to_message_id
+        )
+        metrics = MetricRecord({"num-examples": sink.total_examples, **sink.metrics()})
+        combined = Message(
+            RecordDict({"arrays": parameters_to_arrays(sink.mean()), "metrics": metrics}),
+            reply_to=instruction,
+        )
+        combined.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        return [*failed, combined]
 
     def _copy_to(self, message: Message, node_id: int) -> Message:
         return Message(
@@ -265,7 +310,12 @@ class DeviceGrid(Grid):
 
     # -- translation --------------------------------------------------------------------------
 
-    def _assign(self, message: Message, models: dict[int, RoundModel]) -> Task:
+    def _assign(
+        self,
+        message: Message,
+        models: dict[int, RoundModel],
+        sink: StreamingWeightedMean | None = None,
+    ) -> Task:
         content = message.content
         kind = message.metadata.message_type
         if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
@@ -293,6 +343,7 @@ class DeviceGrid(Grid):
             model,
             task_config,
             self.task_timeout_s,
+            sink=sink,
         )
         return task
 

@@ -34,6 +34,11 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
 }
+# Strategies whose aggregation begins with FedAvg's examples-weighted mean of the replies (they
+# subclass FedAvg and call its aggregate_train first): DeviceGrid may average updates as they
+# arrive and hand them one reply holding the mean. The others need every update (median,
+# trimmed mean, Krum, per-update clipping) and are handed every reply.
+AVERAGE_FIRST = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 DP_WRAPPERS = {
     "dp-fixed": DifferentialPrivacyServerSideFixedClipping,
     "dp-adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
@@ -75,6 +80,11 @@ def parse_strategy_args(items: list[str]) -> dict[str, Any]:
                 continue
         options[key.replace("-", "_")] = value
     return options
+
+
+def averages_first(name: str) -> bool:
+    """Whether the named strategy only ever sees the weighted mean of the updates."""
+    return name.lower() in AVERAGE_FIRST
 
 
 def make_strategy(

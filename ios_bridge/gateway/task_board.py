@@ -14,8 +14,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -66,6 +66,18 @@ class EvaluationResult:
     accuracy: float
 
 
+class UpdateSink(Protocol):
+    """Takes a train task's update as it is accepted, so the board need not keep its tensors.
+
+    ``reserve`` is called under the board's lock the moment the update is accepted, ``add``
+    right after, outside the lock.
+    """
+
+    def reserve(self) -> None: ...
+
+    def add(self, result: UpdateResult) -> None: ...
+
+
 @dataclass
 class Task:
     task_id: str
@@ -79,6 +91,7 @@ class Task:
     failure: str = ""
     result: UpdateResult | EvaluationResult | None = None
     assigned_at: float = field(default_factory=time.monotonic)
+    sink: UpdateSink | None = None  # where an accepted update's tensors go instead of ``result``
 
 
 class TaskBoard:
@@ -105,6 +118,7 @@ class TaskBoard:
         model: RoundModel,
         config: TaskConfig | None,
         timeout_s: float,
+        sink: UpdateSink | None = None,
     ) -> Task:
         task = Task(
             task_id=secrets.token_hex(12),
@@ -114,6 +128,7 @@ class TaskBoard:
             model=model,
             config=config,
             deadline=self._clock() + timeout_s,
+            sink=sink,
         )
         with self._cond:
             self._tasks[task.task_id] = task
@@ -281,11 +296,20 @@ class TaskBoard:
         node_id: int,
         result: UpdateResult | EvaluationResult,
     ) -> Task:
-        """Record a validated result; refused if the task ended meanwhile."""
+        """Record a validated result; refused if the task ended meanwhile.
+
+        A train task with a sink hands the update's tensors to the sink and keeps only its
+        metrics.
+        """
         kind: TaskKind = "train" if isinstance(result, UpdateResult) else "evaluate"
         with self._cond:
             task = self.task_for(task_id, node_id, kind)
+            sink = task.sink if isinstance(result, UpdateResult) else None
             task.status = "submitted"
-            task.result = result
+            task.result = replace(result, parameters=[]) if sink is not None else result
+            if sink is not None:
+                sink.reserve()
             self._cond.notify_all()
-            return task
+        if sink is not None:
+            sink.add(result)
+        return task

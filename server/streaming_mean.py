@@ -1,0 +1,120 @@
+"""The examples-weighted mean of device updates, folded in as they arrive.
+
+For strategies whose aggregation starts with the weighted mean of the replies (FedAvg and the
+server-optimizer family built on it: FedAvgM, FedAdam, FedYogi, FedAdagrad), the coordinator does
+not need to hold every update until the round closes: each accepted update is folded into a
+running sum and dropped, so memory stays at one model's worth however many devices report.
+Flower's strategy then aggregates a single reply that carries the mean (its weight is the total
+example count), which is exactly the mean it would have computed.
+
+The sum is kept as a float64 value plus its exact rounding error (Knuth's TwoSum), so the result
+is the correctly rounded weighted mean whatever order the updates arrived in: two runs that
+received the same updates produce bit-identical models, even though phones report in a
+different order each time. ``num_examples * value`` is exact in float64 (a float32 has a 24-bit
+significand, the gateway caps the example count below 2**24).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedcoreml.ios_bridge.gateway.task_board import UpdateResult
+
+Parameters = list[tuple[str, np.ndarray]]
+MAX_EXACT_WEIGHT = 2**24
+
+
+@dataclass
+class _Sum:
+    high: np.ndarray  # float64 running sum
+    low: np.ndarray  # float64 accumulated rounding error of ``high``
+    scratch: np.ndarray = field(repr=False)
+
+
+class StreamingWeightedMean:
+    """Thread-safe running mean of updates weighted by their example count.
+
+    The task board calls ``reserve`` when it accepts an update (under its lock, so nothing is
+    counted twice) and ``add`` right after (outside it); ``settle`` waits until every accepted
+    update has been folded in.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sums: dict[str, _Sum] = {}
+        self._order: list[str] = []
+        self._pending = 0
+        self.count = 0
+        self.total_examples = 0
+        # examples-weighted sums of the scalar metrics devices report
+        self._metric_sums = {"loss": 0.0, "accuracy": 0.0, "train-seconds": 0.0}
+
+    def reserve(self) -> None:
+        with self._cond:
+            self._pending += 1
+
+    def add(self, result: UpdateResult) -> None:
+        """Fold one accepted update in; its tensors are not kept."""
+        weight = result.num_examples
+        if not 0 < weight < MAX_EXACT_WEIGHT:
+            raise ValueError(f"num_examples {weight} is outside (0, 2**24)")
+        with self._cond:
+            try:
+                for name, value in result.parameters:  # check all before changing any
+                    known = self._sums.get(name)
+                    if known is not None and known.high.shape != np.shape(value):
+                        raise ValueError(
+                            f"tensor {name!r}: shape {np.shape(value)}, expected {known.high.shape}"
+                        )
+                for name, value in result.parameters:
+                    self._fold(name, value, float(weight))
+                self.count += 1
+                self.total_examples += weight
+                self._metric_sums["loss"] += result.loss * weight
+                self._metric_sums["accuracy"] += result.accuracy * weight
+                self._metric_sums["train-seconds"] += result.train_seconds * weight
+            finally:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def _fold(self, name: str, value: np.ndarray, weight: float) -> None:
+        term = np.multiply(value, weight, dtype=np.float64)  # exact
+        running = self._sums.get(name)
+        if running is None:
+            self._sums[name] = _Sum(term, np.zeros_like(term), np.empty_like(term))
+            self._order.append(name)
+            return
+        # TwoSum: high + term == new_high + err exactly; err joins the low part.
+        new_high = running.high + term
+        b = np.subtract(new_high, running.high, out=running.scratch)  # the part of term taken
+        a_part = new_high - b
+        np.subtract(running.high, a_part, out=a_part)  # what high lost
+        np.subtract(term, b, out=b)  # what term lost
+        a_part += b
+        running.low += a_part
+        running.high = new_high
+
+    def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait until every reserved update has been added; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def mean(self) -> Parameters:
+        """The weighted mean as float32, in the order the tensors first arrived."""
+        with self._cond:
+            if not self.count:
+                raise ValueError("no update has been added")
+            total = float(self.total_examples)
+            return [
+                (name, ((self._sums[name].high + self._sums[name].low) / total).astype(np.float32))
+                for name in self._order
+            ]
+
+    def metrics(self) -> dict[str, float]:
+        """Examples-weighted means of loss, accuracy and training seconds."""
+        with self._cond:
+            total = float(self.total_examples) or 1.0
+            return {key: value / total for key, value in self._metric_sums.items()}
