@@ -139,7 +139,7 @@ def decode_update(
             f"the header announces {header_msg.num_tensors} tensors but {len(done)} arrived"
         )
     parameters = [
-        (info.name, np.frombuffer(bytes(buffers[info.name]), dtype="<f4").reshape(info.shape))
+        (info.name, np.frombuffer(buffers[info.name], dtype="<f4").reshape(info.shape))
         for info in infos
     ]
     try:

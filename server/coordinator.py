@@ -74,6 +74,7 @@ class CoordinatorConfig:
     eval_data: str | None = None  # None: the bundled sample's test set
     session_ttl: float = 30.0
     poll_interval_ms: int = 500
+    long_poll_ms: int = 2000  # GetTask waits this long for work before answering "wait"
     tls_cert: Path | None = None  # with tls_key: serve devices over TLS
     tls_key: Path | None = None
     require_tokens: bool = False  # devices must present a token from the run's tokens.json
@@ -148,6 +149,11 @@ class Coordinator:
                 f"--min-reports must lie in [1, --min-devices={config.min_devices}], "
                 f"got {config.min_reports}"
             )
+        if config.poll_interval_ms < 1 or config.long_poll_ms < 0:
+            raise CoordinatorConfigError(
+                "--poll-interval-ms must be positive and --long-poll-ms not negative, got "
+                f"{config.poll_interval_ms} and {config.long_poll_ms}"
+            )
         if config.round_timeout <= 0:
             raise CoordinatorConfigError(
                 f"--round-timeout must be positive, got {config.round_timeout}"
@@ -171,8 +177,9 @@ class Coordinator:
         self.registry = SessionRegistry(idle_ttl_s=config.session_ttl)
         self.board = TaskBoard()
         self.service = DeviceService(
-            self.registry, self.board, self.store.infos, config.poll_interval_ms
-        )
+            self.registry, self.board, self.store.infos, config.poll_interval_ms,
+            long_poll_ms=config.long_poll_ms,
+        )  # fmt: skip
         self.run_id = run_id if run_id is not None else secrets.randbits(63)
         self.grid = DeviceGrid(
             self.registry, self.board, self.store, self.run_id, config.round_timeout,

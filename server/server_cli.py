@@ -105,6 +105,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument(
         "--rate-limit", type=float, default=5.0, help="calls per second per device (with tokens)"
     )
+    server.add_argument(
+        "--poll-interval-ms",
+        type=int,
+        default=500,
+        help="retry-after told to idle devices; raise it for large fleets (default 500)",
+    )
+    server.add_argument(
+        "--long-poll-ms",
+        type=int,
+        default=2000,
+        help="how long GetTask may wait for work before answering 'wait' (0: never wait)",
+    )
+    server.add_argument(
+        "--hold-updates",
+        action="store_true",
+        help="keep every update until the round closes, even for strategies that only need "
+        "their running mean (FedAvg family); costs one model's memory per device",
+    )
     server.set_defaults(handler=_server)
 
     demo = subparsers.add_parser(
@@ -189,6 +207,9 @@ def _server(args: argparse.Namespace) -> int:
                 tls_key=args.tls_key,
                 require_tokens=args.require_tokens,
                 rate_limit=args.rate_limit,
+                poll_interval_ms=args.poll_interval_ms,
+                long_poll_ms=args.long_poll_ms,
+                mean_on_arrival=not args.hold_updates,
             )
         )
     if coordinator.config.tls_cert is None:

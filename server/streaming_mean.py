@@ -31,7 +31,15 @@ MAX_EXACT_WEIGHT = 2**24
 class _Sum:
     high: np.ndarray  # float64 running sum
     low: np.ndarray  # float64 accumulated rounding error of ``high``
-    scratch: np.ndarray = field(repr=False)
+    # work space, reused for every update (no allocation per fold)
+    term: np.ndarray = field(repr=False)
+    spare: np.ndarray = field(repr=False)
+    part: np.ndarray = field(repr=False)
+    error: np.ndarray = field(repr=False)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...]) -> _Sum:
+        return cls(*(np.zeros(shape, np.float64) for _ in range(6)))
 
 
 class StreamingWeightedMean:
@@ -81,21 +89,20 @@ class StreamingWeightedMean:
                 self._cond.notify_all()
 
     def _fold(self, name: str, value: np.ndarray, weight: float) -> None:
-        term = np.multiply(value, weight, dtype=np.float64)  # exact
         running = self._sums.get(name)
         if running is None:
-            self._sums[name] = _Sum(term, np.zeros_like(term), np.empty_like(term))
+            running = self._sums[name] = _Sum.empty(np.shape(value))
             self._order.append(name)
-            return
-        # TwoSum: high + term == new_high + err exactly; err joins the low part.
-        new_high = running.high + term
-        b = np.subtract(new_high, running.high, out=running.scratch)  # the part of term taken
-        a_part = new_high - b
-        np.subtract(running.high, a_part, out=a_part)  # what high lost
-        np.subtract(term, b, out=b)  # what term lost
-        a_part += b
-        running.low += a_part
-        running.high = new_high
+        term = np.multiply(value, weight, out=running.term, dtype=np.float64)  # exact
+        # TwoSum: high + term == total + error exactly; the error joins the low part.
+        total = np.add(running.high, term, out=running.spare)
+        taken = np.subtract(total, running.high, out=running.part)  # the part of term taken
+        error = np.subtract(total, taken, out=running.error)
+        np.subtract(running.high, error, out=error)  # what high lost
+        np.subtract(term, taken, out=taken)  # what term lost
+        error += taken
+        running.low += error
+        running.spare, running.high = running.high, total
 
     def settle(self, timeout_s: float | None = None) -> bool:
         """Wait until every reserved update has been added; False on timeout."""

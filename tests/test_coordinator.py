@@ -54,9 +54,12 @@ def weighted_mean(submissions):
     }  # fmt: skip
 
 
-def test_fedavg_is_the_examples_weighted_mean_of_what_devices_sent(tmp_path):
+@pytest.mark.parametrize("mean_on_arrival", [True, False], ids=["mean-on-arrival", "hold"])
+def test_fedavg_is_the_examples_weighted_mean_of_what_devices_sent(tmp_path, mean_on_arrival):
     spec = [(100, 0.01, None), (300, -0.02, None), (600, 0.05, None)]
-    _coordinator, devices, final = run_coordinator(tmp_path, spec, fraction_evaluate=1.0)
+    _coordinator, devices, final = run_coordinator(
+        tmp_path, spec, fraction_evaluate=1.0, mean_on_arrival=mean_on_arrival
+    )
     run = tmp_path / "run"
     for round_number in (1, 2):
         sent = [s for d in devices for s in d.submissions if s.round == round_number]

@@ -246,3 +246,42 @@ def test_hostile_transport_level_input_leaves_the_gateway_serving(gw):
     # through all of it the task stayed open, and an honest update still goes through
     assert gw.board._tasks[task.task_id].status == "pending"
     assert submit(gw, session, task.task_id).accepted
+
+
+def test_bulk_transfers_never_queue_ahead_of_small_calls():
+    """Uploads that hold every transfer thread leave GetTask answered at once."""
+    import threading
+
+    registry, board = SessionRegistry(idle_ttl_s=30), TaskBoard()
+    service = DeviceService(registry, board, parameter_infos(SPEC), 50, long_poll_ms=0)
+    server, port = start_server(service, "127.0.0.1:0", max_workers=2, transfer_workers=1)
+    release = threading.Event()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = device_pb2_grpc.DeviceServiceStub(channel)
+    try:
+        sessions = []
+        for name in ("slow-a", "slow-b", "quick"):
+            session = stub.Register(device_pb2.RegisterRequest(device_id=name)).session_id
+            node = registry.touch(session).node_id
+            sessions.append((session, board.assign(node, "train", 1, MODEL, CONFIG, 30)))
+
+        def stalled_upload(session, task):
+            header = UpdateHeader(session, task.task_id, 10, 0.1, 0.5, 1.0)
+            messages = list(encode_update(header, PARAMS))
+
+            def stream():
+                yield messages[0]
+                release.wait(20)  # a phone on a bad network, mid-upload
+                yield from messages[1:]
+
+            return stub.SubmitUpdate.future(stream())
+
+        uploads = [stalled_upload(*sessions[0]), stalled_upload(*sessions[1])]
+        reply = stub.GetTask(device_pb2.GetTaskRequest(session_id=sessions[2][0]), timeout=5)
+        assert reply.train.task_id == sessions[2][1].task_id
+        release.set()
+        assert all(upload.result(timeout=20).accepted for upload in uploads)
+    finally:
+        release.set()
+        channel.close()
+        server.stop(0).wait()

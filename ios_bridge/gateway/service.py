@@ -263,24 +263,66 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         return self._guarded(context, "SubmitEvaluation", body)
 
 
+TRANSFER_METHODS = frozenset({"DownloadModel", "SubmitUpdate"})
+
+
+class _TransferPool(grpc.ServerInterceptor):
+    """Runs the bulk transfers (model downloads, update uploads) on their own few threads.
+
+    A round sends every device a 2.3 MB model and receives as much back, all at once. On one
+    shared pool those calls queue ahead of the small ones, and an idle phone's GetTask would
+    wait seconds behind a thousand transfers; here they wait only for each other. gRPC picks
+    the pool from the ``experimental_thread_pool`` attribute of a method's behaviour.
+    """
+
+    def __init__(self, pool: futures.ThreadPoolExecutor) -> None:
+        self.pool = pool
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler is None or method not in TRANSFER_METHODS:
+            return handler
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._on_pool(handler.unary_stream))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._on_pool(handler.stream_unary))
+        return handler
+
+    def _on_pool(self, behaviour: Callable) -> Callable:
+        def run(request, context):
+            return behaviour(request, context)
+
+        run.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
+        return run
+
+
 def start_server(
     service: DeviceService,
     address: str,
     max_workers: int = 32,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    transfer_workers: int = 4,
 ) -> tuple[grpc.Server, int]:
     """Start serving on ``address`` ("host:port"; port 0 picks one). Returns (server, port).
 
     ``credentials`` (see ``gateway.tls.server_credentials``) serve TLS instead of plaintext;
     ``interceptors`` run before every call (see ``gateway.auth.DeviceAuthInterceptor``).
+    Model downloads and update uploads run on ``transfer_workers`` threads of their own, the
+    other calls on ``max_workers``.
     """
+    transfers = futures.ThreadPoolExecutor(transfer_workers, thread_name_prefix="transfer")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
-        interceptors=list(interceptors),
+        interceptors=[_TransferPool(transfers), *interceptors],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Fixed flow-control windows: without this, gRPC grows each connection's window to
+            # megabytes on a fast link, and a thousand queued uploads sit in the coordinator's
+            # memory before a thread reads them.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(service, server)

@@ -101,6 +101,7 @@ class TaskBoard:
         self._clock = clock
         self._cond = threading.Condition()
         self._tasks: dict[str, Task] = {}
+        self._by_node: dict[int, dict[str, Task]] = {}  # the same tasks, oldest first per node
         # Ended tasks already handed to the coordinator, kept (bounded) so that a late or
         # repeated submission is told its round is closed rather than "unknown task".
         self._closed: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
@@ -132,6 +133,7 @@ class TaskBoard:
         )
         with self._cond:
             self._tasks[task.task_id] = task
+            self._by_node.setdefault(node_id, {})[task.task_id] = task
             self._cond.notify_all()  # wake a device long-polling for work
         return task
 
@@ -148,31 +150,38 @@ class TaskBoard:
         A task whose device is no longer live is failed on the way, so a vanished phone never
         holds up a round.
         """
-        ids = list(task_ids)
         end = None if timeout_s is None else self._clock() + timeout_s
+        next_check = self._clock()
         with self._cond:
+            tasks = [self._tasks[i] for i in task_ids]
             while True:
-                open_tasks = [self._tasks[i] for i in ids if self._tasks[i].status == "pending"]
-                for task in open_tasks:
-                    if not is_live(task.node_id):
-                        self._fail(task, "device disconnected")
-                    elif self._clock() > task.deadline:
-                        self._fail(task, "deadline passed")
-                if all(self._tasks[i].status != "pending" for i in ids):
+                now = self._clock()
+                if now >= next_check:  # liveness and deadlines: every poll_s, not every wake-up
+                    next_check = now + poll_s
+                    for task in tasks:
+                        if task.status != "pending":
+                            continue
+                        if not is_live(task.node_id):
+                            self._fail(task, "device disconnected")
+                        elif now > task.deadline:
+                            self._fail(task, "deadline passed")
+                pending = submitted = 0
+                for task in tasks:
+                    pending += task.status == "pending"
+                    submitted += task.status == "submitted"
+                if not pending or (enough is not None and submitted >= enough):
                     return
-                submitted = sum(self._tasks[i].status == "submitted" for i in ids)
-                if enough is not None and submitted >= enough:
-                    return
-                remaining = None if end is None else end - self._clock()
+                remaining = None if end is None else end - now
                 if remaining is not None and remaining <= 0:
                     return
-                self._cond.wait(poll_s if remaining is None else min(poll_s, remaining))
+                wake = max(next_check - now, 0.001)
+                self._cond.wait(wake if remaining is None else min(wake, remaining))
 
     def fail_node_tasks(self, node_id: int, reason: str) -> None:
         """End every pending task of a node as failed (its app restarted and lost them)."""
         with self._cond:
-            for task in self._tasks.values():
-                if task.node_id == node_id and task.status == "pending":
+            for task in self._by_node.get(node_id, {}).values():
+                if task.status == "pending":
                     self._fail(task, reason)
 
     def close(self, task_ids: Iterable[str], reason: str) -> None:
@@ -192,6 +201,10 @@ class TaskBoard:
                 if i in self._tasks and self._tasks[i].status != "pending"
             ]
             for task in ended:
+                mine = self._by_node[task.node_id]
+                del mine[task.task_id]
+                if not mine:
+                    del self._by_node[task.node_id]
                 reason = "already submitted" if task.status == "submitted" else task.failure
                 self._closed[task.task_id] = (task.node_id, task.round, reason)
             while len(self._closed) > CLOSED_TASKS_KEPT:
@@ -236,12 +249,10 @@ class TaskBoard:
         """The oldest pending task of a node (the same one again if it asks twice)."""
         with self._cond:
             now = self._clock()
-            mine = [
-                t
-                for t in self._tasks.values()
-                if t.node_id == node_id and t.status == "pending" and now <= t.deadline
-            ]
-            return min(mine, key=lambda t: t.assigned_at) if mine else None
+            for task in self._by_node.get(node_id, {}).values():  # oldest first
+                if task.status == "pending" and now <= task.deadline:
+                    return task
+            return None
 
     def remaining_s(self, task: Task) -> float:
         """Seconds left before the task's deadline (0 when passed)."""
