@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2, NeuralNetwork_pb2
-from fedcoreml.ios_bridge.errors import ParameterError
+from fedcoreml.ios_bridge.errors import FedCoreMLError, ParameterError
 from fedcoreml.ios_bridge.network import Convolution, InnerProduct, parse_network
 
 _FLOAT_VALUE_TAG = b"\x0a"  # WeightParams.floatValue: field 1, length-delimited (packed)
@@ -172,6 +172,55 @@ def set_parameters(
         weights = _weight_params(spec, info)
         weights.ClearField("floatValue")
         weights.MergeFromString(_FLOAT_VALUE_TAG + _varint(len(payload)) + payload)
+
+
+def strip_parameters(spec: Model_pb2.Model, model_name: str = "model") -> Model_pb2.Model:
+    """A copy of ``spec`` whose updatable parameters hold no values: the bare architecture.
+
+    Together with the parameters (see :func:`fill_parameters`) it makes the full model again;
+    it is a few kilobytes where the model is megabytes.
+    """
+    bare = Model_pb2.Model()
+    bare.CopyFrom(spec)
+    for info in parameter_infos(spec, model_name):
+        _weight_params(bare, info).ClearField("floatValue")
+    return bare
+
+
+def fill_parameters(
+    bare: Model_pb2.Model, parameters: list[tuple[str, np.ndarray]], model_name: str = "model"
+) -> Model_pb2.Model:
+    """The full model from :func:`strip_parameters`' architecture and named parameters.
+
+    Each ``"<layer>.weights"`` / ``"<layer>.bias"`` is written into its layer, then the result
+    is checked as any model is: every updatable parameter present with its layer's shape.
+    """
+    spec = Model_pb2.Model()
+    spec.CopyFrom(bare)
+    parameters = [
+        (name, value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value)
+        for name, value in ((n, np.asarray(v)) for n, v in parameters)
+    ]  # aggregation may hand back float64; Core ML stores float32
+    for name, value in parameters:
+        layer, _, field = name.rpartition(".")
+        if field not in ("weights", "bias") or not layer:
+            raise ParameterError(f"parameter {name!r}: expected '<layer>.weights' or '.bias'")
+        info = ParameterInfo(name, layer, field, tuple(np.shape(value)))
+        try:
+            weights = _weight_params(spec, info)
+        except KeyError:
+            raise ParameterError(
+                f"parameter {name!r}: {model_name} has no layer {layer!r}"
+            ) from None
+        payload = np.ascontiguousarray(value, dtype="<f4").tobytes()
+        weights.ClearField("floatValue")
+        weights.MergeFromString(_FLOAT_VALUE_TAG + _varint(len(payload)) + payload)
+    try:
+        infos = parameter_infos(spec, model_name)
+    except FedCoreMLError as exc:  # a layer left without values
+        raise ParameterError(f"the parameters do not complete the model: {exc}") from None
+    check_parameters(infos, parameters)
+    return spec
 
 
 def count_parameters(spec: Model_pb2.Model, model_name: str = "model") -> int:

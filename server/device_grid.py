@@ -40,6 +40,7 @@ from fedcoreml.ios_bridge.gateway.task_board import (
     TaskConfig,
     UpdateResult,
 )
+from fedcoreml.server.exchanges import ROUND_KEY, ExchangeStats
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.streaming_mean import StreamingWeightedMean
 
@@ -49,7 +50,6 @@ log = logging.getLogger("fedcoreml.grid")
 EPOCHS_KEY = "local-epochs"
 BATCH_SIZE_KEY = "batch-size"
 LEARNING_RATE_KEY = "lr"
-ROUND_KEY = "server-round"  # injected by Flower's strategies
 # Flower error code for a device that did not deliver (not one of Flower's own codes).
 DEVICE_FAILED = 1001
 
@@ -70,22 +70,6 @@ class RoundPolicy:
     # Fold each accepted update into a running weighted mean and hand the strategy one reply
     # holding that mean: only for strategies that start by averaging (see strategies.py).
     mean_on_arrival: bool = False
-
-
-@dataclass
-class ExchangeStats:
-    """One send_and_receive: what was asked of how many devices and what came back."""
-
-    kind: str
-    round: int
-    started_at: float = 0.0  # time.time() when the tasks were sent
-    sampled: int = 0
-    reported: int = 0
-    failed: int = 0
-    examples: int = 0
-    accuracy: float | None = None  # examples-weighted mean of what the devices reported
-    seconds: float = 0.0
-    abandoned: int = 0  # attempts abandoned for too few reports before this one
 
 
 def arrays_to_parameters(arrays: ArrayRecord) -> list[tuple[str, object]]:
@@ -225,17 +209,7 @@ class DeviceGrid(Grid):
         self.board.wait(task_ids, wait_s, self.registry.is_live, enough=wanted)
         self.board.close(task_ids, "round closed")  # stragglers past this point are refused
         replies = sorted(self.pull_messages(ids), key=self._reply_order)
-        weighted_accuracy = 0.0
-        for reply in replies:
-            if reply.has_error():
-                stats.failed += 1
-                continue
-            metrics = next(iter(reply.content.metric_records.values()))
-            stats.reported += 1
-            stats.examples += int(metrics["num-examples"])
-            weighted_accuracy += float(metrics["accuracy"]) * int(metrics["num-examples"])
-        if stats.examples:
-            stats.accuracy = weighted_accuracy / stats.examples
+        stats.count(replies)
         if sink is not None:
             replies = self._with_mean(replies, sink, messages)
         return replies, stats

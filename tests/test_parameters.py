@@ -98,3 +98,18 @@ def test_frozen_layers_are_not_parameters():
     assert [i.name for i in parameter_infos(spec, include_frozen=True)][:2] == [
         "stem.weights", "stem.bias",
     ]  # fmt: skip
+
+
+def test_a_stripped_model_plus_its_parameters_is_the_model_again(default_spec):
+    from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
+    from fedcoreml.ios_bridge.parameters import fill_parameters, strip_parameters
+
+    params = get_parameters(default_spec)
+    bare = strip_parameters(default_spec)
+    assert len(spec_to_bytes(bare)) < 10_000 < len(spec_to_bytes(default_spec))
+    rebuilt = fill_parameters(bare, [(n, v.astype(np.float64)) for n, v in params])
+    assert spec_to_bytes(rebuilt) == spec_to_bytes(default_spec)
+    with pytest.raises(ParameterError, match=r"do not complete the model.*hidden2"):
+        fill_parameters(bare, params[:-1])
+    with pytest.raises(ParameterError, match="no layer 'conv9'"):
+        fill_parameters(bare, [*params[:-1], ("conv9.bias", params[-1][1])])

@@ -1,0 +1,223 @@
+"""One federated run on any Flower Grid: the strategy's rounds, each round's .mlmodel, judging.
+
+The same code runs for ``fedcoreml server`` (over DeviceGrid, whose nodes are devices behind the
+gRPC gateway) and for the Flower App's ServerApp (over the Grid Flower's runtime hands it, whose
+nodes are SuperNodes or simulated clients). After every round it bakes the new global parameters
+into the exact .mlmodel that will be shipped next, judges that file with the reference interpreter
+on held-out data, and records it in the run directory. No TensorFlow here: the spec, numpy and
+Flower only.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedcoreml.client_sim.data import Dataset, load_dataset
+from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
+from fedcoreml.ios_bridge.default_model import build_default_model
+from fedcoreml.ios_bridge.gateway.task_board import RoundModel
+from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
+from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes, spec_to_bytes
+from fedcoreml.ios_bridge.network import parse_network
+from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
+from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_params
+from fedcoreml.server.device_grid import (
+    BATCH_SIZE_KEY,
+    EPOCHS_KEY,
+    LEARNING_RATE_KEY,
+    arrays_to_parameters,
+    parameters_to_arrays,
+)
+from fedcoreml.server.exchanges import ExchangeStats
+from fedcoreml.server.model_store import ModelStore
+from fedcoreml.server.run_config import CoordinatorConfig, RoundRecord, check_config
+from fedcoreml.server.run_dir import RunDirectory
+from fedcoreml.server.strategies import make_strategy
+
+log = logging.getLogger("fedcoreml.coordinator")
+
+# ConfigRecord key of the model's architecture (a .mlmodel without its updatable parameters),
+# for Flower nodes: they rebuild from it and the message's arrays the .mlmodel a device receives.
+ARCHITECTURE_KEY = "mlmodel-architecture"
+
+
+class FederatedRun:
+    """A run's model, strategy and run directory; :meth:`run` drives the rounds on a Grid."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        resume_after: int | None = None,
+        run_id: int | None = None,
+    ) -> None:
+        check_config(config)
+        self.config = config
+        self.on_round = on_round
+        # Resuming: rounds up to and including this one are committed in the run directory.
+        self.resume_after = resume_after
+        self.start_round = resume_after or 0
+        self.spec, self.model_name = self._load_model()
+        network = parse_network(self.spec, self.model_name)
+        self.training: TrainingConfig = parse_update_params(self.spec, network).resolve(
+            config.local_epochs, config.batch_size, config.learning_rate
+        )
+        self.probabilities = self.training.loss.input
+        self.strategy = make_strategy(
+            config.strategy,
+            fraction_train=config.fraction,
+            fraction_evaluate=config.fraction_evaluate,
+            min_devices=config.min_devices,
+            options=config.strategy_args,
+        )
+        self.eval_data: Dataset = load_dataset(config.eval_data)
+        self.run_dir = RunDirectory(config.run_dir)
+        self.store = ModelStore(self.spec, self.model_name)
+        self.run_id = run_id if run_id is not None else secrets.randbits(63)
+        self.records: list[RoundRecord] = []
+
+    def _load_model(self) -> tuple[Model_pb2.Model, str]:
+        if self.resume_after is not None:
+            # The committed global model, bit for bit: architecture, settings and parameters.
+            path = RunDirectory(self.config.run_dir).round_model(self.resume_after)
+            name = str(self.config.model) if self.config.model else "default model"
+            return load_spec(path), name
+        if self.config.model is None:
+            return build_default_model(seed=self.config.model_seed), "default model"
+        return load_spec(self.config.model), str(self.config.model)
+
+    def architecture(self) -> bytes:
+        """The model without its updatable parameters' values (what nodes need besides arrays)."""
+        return spec_to_bytes(strip_parameters(self.spec, self.model_name))
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        grid: Grid,
+        history: Callable[[], list[ExchangeStats]],
+        ship_architecture: bool = False,
+    ) -> RoundModel:
+        """Run every round on ``grid``; returns the final model, written as final.mlmodel.
+
+        ``history`` gives the exchanges the grid has recorded so far (for the metrics);
+        ``ship_architecture`` adds the model's architecture to every message's config.
+        """
+        config = self.config
+        if self.resume_after is None:
+            self.run_dir.write_config(
+                {**config.to_json(), "model_name": self.model_name, "run_id": self.run_id}
+            )
+        else:
+            committed = self.store.build(get_parameters(self.spec, self.model_name), 0)
+            log.info(
+                "resuming run %d after round %d of %d (global model sha256 %s)",
+                self.run_id, self.resume_after, config.rounds, committed.sha256,
+            )  # fmt: skip
+        self._history = history
+        initial = parameters_to_arrays(get_parameters(self.spec, self.model_name))
+        shared = {ARCHITECTURE_KEY: self.architecture()} if ship_architecture else {}
+        train_config = ConfigRecord(
+            {
+                EPOCHS_KEY: self.training.epochs,
+                BATCH_SIZE_KEY: self.training.batch_size,
+                LEARNING_RATE_KEY: self.training.learning_rate,
+                **shared,
+            }
+        )
+        log.info(
+            "run %d: %s, %d round(s), waiting for %d device(s); local training: %d epoch(s), "
+            "batch %d, lr %g",
+            self.run_id, config.strategy, config.rounds, config.min_devices,
+            self.training.epochs, self.training.batch_size, self.training.learning_rate,
+        )  # fmt: skip
+        remaining = config.rounds - self.start_round
+        if remaining <= 0:  # every round was committed before the crash: just finish
+            return self._complete(initial)
+        self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+        self._judgements: list[Future[RoundRecord]] = []
+        try:
+            result = self.strategy.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=remaining,
+                timeout=config.round_timeout,
+                train_config=train_config,
+                evaluate_config=ConfigRecord(shared),
+                evaluate_fn=self._after_round,
+            )
+        finally:
+            self._judge.shutdown(wait=True)
+        for judgement in self._judgements:
+            judgement.result()  # re-raise a failure of the evaluation thread
+        return self._complete(result.arrays if len(result.arrays) else initial)
+
+    def _complete(self, arrays: ArrayRecord) -> RoundModel:
+        final = self.store.build(arrays_to_parameters(arrays), version=self.config.rounds)
+        path = self.run_dir.write_final_model(final.data)
+        log.info("run finished: %s (sha256 %s)", path, final.sha256[:12])
+        return final
+
+    # -- per round ----------------------------------------------------------------------------
+
+    def _after_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Flower's evaluate_fn: build the model that will be shipped next, and have it recorded.
+
+        Writing its file and judging it (reference interpreter on the held-out set) run on one
+        background thread, overlapping the next round; files and metrics lines still come out in
+        round order, and all of them are written before ``run`` returns.
+        """
+        if self.resume_after is not None and server_round == 0:
+            return  # Flower's "initial" evaluation is the committed round, recorded already
+        server_round += self.start_round
+        start = time.monotonic()
+        model = self.store.build(arrays_to_parameters(arrays), version=server_round)
+        exchanges = [s for s in self._history() if s.round == server_round]
+        seconds = sum(s.seconds for s in exchanges) + time.monotonic() - start
+        self._judgements.append(
+            self._judge.submit(self._judge_round, server_round, model, exchanges, seconds)
+        )
+
+    def _judge_round(
+        self, server_round: int, model: RoundModel, exchanges: list, seconds: float
+    ) -> RoundRecord:
+        self.run_dir.write_round_model(server_round, model.data)
+        # Judge the bytes exactly as a device receives them.
+        judged = ReferenceInterpreter(spec_from_bytes(model.data), self.model_name)
+        loss, accuracy = judged.evaluate(
+            self.eval_data.x_test, self.eval_data.y_test, self.probabilities
+        )
+        train = next((s for s in exchanges if s.kind == "train"), None)
+        evaluate = next((s for s in exchanges if s.kind == "evaluate"), None)
+        record = RoundRecord(
+            round=server_round,
+            test_accuracy=round(accuracy, 6),
+            test_loss=round(loss, 6),
+            devices_sampled=train.sampled if train else 0,
+            devices_reported=train.reported if train else 0,
+            devices_failed=train.failed if train else 0,
+            examples=train.examples if train else 0,
+            seconds=round(seconds, 3),
+            model_sha256=model.sha256,
+            evaluated_devices=evaluate.reported if evaluate else 0,
+            device_accuracy=evaluate.accuracy if evaluate else None,
+            abandoned_attempts=train.abandoned if train else 0,
+        )
+        self.run_dir.append_metrics(asdict(record))
+        self.records.append(record)
+        log.info(
+            "round %d: test accuracy %.4f, loss %.4f (%d/%d devices reported, %d examples)",
+            server_round, accuracy, loss, record.devices_reported, record.devices_sampled,
+            record.examples,
+        )  # fmt: skip
+        if self.on_round is not None:
+            self.on_round(record)
+        return record

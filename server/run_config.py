@@ -1,0 +1,108 @@
+"""A run's configuration and what it records per round, shared by both ways of running it.
+
+``fedcoreml server`` (devices over the gateway) and the Flower App's ServerApp (Flower's nodes)
+run the same :class:`~fedcoreml.server.federated_run.FederatedRun` from a ``CoordinatorConfig``;
+the gateway-only fields (listen address, TLS, tokens, pacing) are simply unused by the latter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcoreml.ios_bridge.errors import FedCoreMLError
+
+
+class CoordinatorConfigError(FedCoreMLError):
+    """A coordinator option out of range."""
+
+
+@dataclass
+class CoordinatorConfig:
+    run_dir: Path
+    rounds: int
+    min_devices: int
+    listen: str = "127.0.0.1:0"
+    fraction: float = 1.0
+    fraction_evaluate: float = 0.0
+    strategy: str = "fedavg"
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+    model: Path | None = None  # None: the default model
+    model_seed: int = 0
+    local_epochs: int | None = None  # None: the model's defaults
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    round_timeout: float = 600.0
+    eval_data: str | None = None  # None: the bundled sample's test set
+    session_ttl: float = 30.0
+    poll_interval_ms: int = 500
+    long_poll_ms: int = 2000  # GetTask waits this long for work before answering "wait"
+    tls_cert: Path | None = None  # with tls_key: serve devices over TLS
+    tls_key: Path | None = None
+    require_tokens: bool = False  # devices must present a token from the run's tokens.json
+    rate_limit: float = 5.0  # calls per second per device (with tokens), burst 20
+    over_selection: float = 1.0  # e.g. 1.3: ask 30 % more devices, close at the number wanted
+    min_reports: int = 1  # fewer valid reports: the round is abandoned and sent again
+    max_attempts: int = 3
+    # Average updates as they arrive (strategies that start with FedAvg's mean): memory stays
+    # one model's worth however many devices report. False holds every update to round end.
+    mean_on_arrival: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CoordinatorConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["run_dir"] = Path(values["run_dir"])
+        for key in ("model", "tls_cert", "tls_key"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        return cls(**values)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    test_accuracy: float
+    test_loss: float
+    devices_sampled: int
+    devices_reported: int
+    devices_failed: int
+    examples: int
+    seconds: float
+    model_sha256: str
+    evaluated_devices: int = 0
+    device_accuracy: float | None = None
+    abandoned_attempts: int = 0  # sent again for too few reports
+
+
+def check_config(config: CoordinatorConfig) -> None:
+    """Refuse options out of range, naming the command-line option."""
+    if config.rounds < 1:
+        raise CoordinatorConfigError(f"--rounds must be at least 1, got {config.rounds}")
+    if config.min_devices < 1:
+        raise CoordinatorConfigError(f"--min-devices must be at least 1, got {config.min_devices}")
+    if not 0 < config.fraction <= 1:
+        raise CoordinatorConfigError(f"--fraction must lie in (0, 1], got {config.fraction}")
+    if config.over_selection < 1:
+        raise CoordinatorConfigError(
+            f"--over-selection must be at least 1, got {config.over_selection}"
+        )
+    if not 1 <= config.min_reports <= config.min_devices:
+        raise CoordinatorConfigError(
+            f"--min-reports must lie in [1, --min-devices={config.min_devices}], "
+            f"got {config.min_reports}"
+        )
+    if config.poll_interval_ms < 1 or config.long_poll_ms < 0:
+        raise CoordinatorConfigError(
+            "--poll-interval-ms must be positive and --long-poll-ms not negative, got "
+            f"{config.poll_interval_ms} and {config.long_poll_ms}"
+        )
+    if config.round_timeout <= 0:
+        raise CoordinatorConfigError(
+            f"--round-timeout must be positive, got {config.round_timeout}"
+        )
