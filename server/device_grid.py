@@ -19,8 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Error,
     Message,
@@ -31,6 +29,14 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedcoreml.ios_bridge.flower_messages import (
+    BATCH_SIZE_KEY,
+    EPOCHS_KEY,
+    LEARNING_RATE_KEY,
+    ROUND_KEY,
+    arrays_to_parameters,
+    parameters_to_arrays,
+)
 from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
 from fedcoreml.ios_bridge.gateway.task_board import (
     EvaluationResult,
@@ -40,16 +46,12 @@ from fedcoreml.ios_bridge.gateway.task_board import (
     TaskConfig,
     UpdateResult,
 )
-from fedcoreml.server.exchanges import ROUND_KEY, ExchangeStats
+from fedcoreml.server.exchanges import ExchangeStats
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.streaming_mean import StreamingWeightedMean
 
 log = logging.getLogger("fedcoreml.grid")
 
-# ConfigRecord keys the coordinator uses for per-round training overrides.
-EPOCHS_KEY = "local-epochs"
-BATCH_SIZE_KEY = "batch-size"
-LEARNING_RATE_KEY = "lr"
 # Flower error code for a device that did not deliver (not one of Flower's own codes).
 DEVICE_FAILED = 1001
 
@@ -70,14 +72,6 @@ class RoundPolicy:
     # Fold each accepted update into a running weighted mean and hand the strategy one reply
     # holding that mean: only for strategies that start by averaging (see strategies.py).
     mean_on_arrival: bool = False
-
-
-def arrays_to_parameters(arrays: ArrayRecord) -> list[tuple[str, object]]:
-    return [(name, array.numpy()) for name, array in arrays.items()]
-
-
-def parameters_to_arrays(parameters: Iterable[tuple[str, object]]) -> ArrayRecord:
-    return ArrayRecord({name: Array(value) for name, value in parameters})
 
 
 class DeviceGrid(Grid):

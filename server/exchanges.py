@@ -7,15 +7,19 @@ records the same, so the run directory's metrics mean the same thing on both.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-ROUND_KEY = "server-round"  # set by Flower's strategies in every message's config
+from fedcoreml.ios_bridge.atomic_file import write_bytes_atomic
+from fedcoreml.ios_bridge.flower_messages import NUM_EXAMPLES_KEY, ROUND_KEY
 
 
 @dataclass
@@ -61,11 +65,17 @@ def message_kind(message: Message) -> str:
 
 
 class RecordingGrid(Grid):
-    """Any Grid, with an :class:`ExchangeStats` recorded for each ``send_and_receive``."""
+    """Any Grid, with an :class:`ExchangeStats` recorded for each ``send_and_receive``.
 
-    def __init__(self, grid: Grid, round_offset: int = 0) -> None:
+    With ``keep_dir``, every update a node returns is also kept, as it arrived, in
+    ``keep_dir/round-NNNN/node-<id>.npz`` (its arrays and ``num-examples``): an audit trail
+    of what each round aggregated.
+    """
+
+    def __init__(self, grid: Grid, round_offset: int = 0, keep_dir: Path | None = None) -> None:
         self.grid = grid
         self.round_offset = round_offset
+        self.keep_dir = keep_dir
         self.history: list[ExchangeStats] = []
 
     def set_run(self, run: Run) -> None:
@@ -112,4 +122,22 @@ class RecordingGrid(Grid):
         stats.count(replies)
         stats.failed += max(len(messages) - len(replies), 0)  # no reply at all within timeout
         self.history.append(stats)
+        if self.keep_dir is not None and stats.kind == "train":
+            self._keep(stats.round, replies)
         return replies
+
+    def _keep(self, server_round: int, replies: list[Message]) -> None:
+        folder = self.keep_dir / f"round-{server_round:04d}"
+        for reply in replies:
+            if reply.has_error() or not reply.content.array_records:
+                continue
+            arrays = next(iter(reply.content.array_records.values()))
+            metrics = next(iter(reply.content.metric_records.values()))
+            buffer = io.BytesIO()
+            np.savez(
+                buffer,
+                **{name: array.numpy() for name, array in arrays.items()},
+                **{NUM_EXAMPLES_KEY: np.int64(metrics[NUM_EXAMPLES_KEY])},
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(folder / f"node-{reply.metadata.src_node_id}.npz", buffer.getvalue())

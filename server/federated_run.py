@@ -23,19 +23,20 @@ from flwr.serverapp import Grid
 from fedcoreml.client_sim.data import Dataset, load_dataset
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
 from fedcoreml.ios_bridge.default_model import build_default_model
-from fedcoreml.ios_bridge.gateway.task_board import RoundModel
-from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
-from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes, spec_to_bytes
-from fedcoreml.ios_bridge.network import parse_network
-from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
-from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_params
-from fedcoreml.server.device_grid import (
+from fedcoreml.ios_bridge.flower_messages import (
+    ARCHITECTURE_KEY,
     BATCH_SIZE_KEY,
     EPOCHS_KEY,
     LEARNING_RATE_KEY,
     arrays_to_parameters,
     parameters_to_arrays,
 )
+from fedcoreml.ios_bridge.gateway.task_board import RoundModel
+from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
+from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes, spec_to_bytes
+from fedcoreml.ios_bridge.network import parse_network
+from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
+from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_params
 from fedcoreml.server.exchanges import ExchangeStats
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.run_config import CoordinatorConfig, RoundRecord, check_config
@@ -43,10 +44,6 @@ from fedcoreml.server.run_dir import RunDirectory
 from fedcoreml.server.strategies import make_strategy
 
 log = logging.getLogger("fedcoreml.coordinator")
-
-# ConfigRecord key of the model's architecture (a .mlmodel without its updatable parameters),
-# for Flower nodes: they rebuild from it and the message's arrays the .mlmodel a device receives.
-ARCHITECTURE_KEY = "mlmodel-architecture"
 
 
 class FederatedRun:
@@ -105,11 +102,17 @@ class FederatedRun:
         grid: Grid,
         history: Callable[[], list[ExchangeStats]],
         ship_architecture: bool = False,
+        judge_in_background: bool = True,
     ) -> RoundModel:
         """Run every round on ``grid``; returns the final model, written as final.mlmodel.
 
         ``history`` gives the exchanges the grid has recorded so far (for the metrics);
         ``ship_architecture`` adds the model's architecture to every message's config.
+        ``judge_in_background`` overlaps judging a round's model with the next round. Without
+        it, judging runs in line, and the initial model is judged only after the first exchange:
+        Flower's simulation runtime starts Ray beside the ServerApp, and a fork while OpenBLAS
+        is multiplying (the interpreter's convolutions) leaves the multiplication waiting
+        forever for worker threads the fork handler shut down.
         """
         config = self.config
         if self.resume_after is None:
@@ -142,6 +145,8 @@ class FederatedRun:
         remaining = config.rounds - self.start_round
         if remaining <= 0:  # every round was committed before the crash: just finish
             return self._complete(initial)
+        self._judge_in_background = judge_in_background
+        self._deferred: list[tuple] = []
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._judgements: list[Future[RoundRecord]] = []
         try:
@@ -156,6 +161,7 @@ class FederatedRun:
             )
         finally:
             self._judge.shutdown(wait=True)
+        self._judge_deferred()
         for judgement in self._judgements:
             judgement.result()  # re-raise a failure of the evaluation thread
         return self._complete(result.arrays if len(result.arrays) else initial)
@@ -182,9 +188,18 @@ class FederatedRun:
         model = self.store.build(arrays_to_parameters(arrays), version=server_round)
         exchanges = [s for s in self._history() if s.round == server_round]
         seconds = sum(s.seconds for s in exchanges) + time.monotonic() - start
+        if not self._judge_in_background:
+            self._deferred.append((server_round, model, exchanges, seconds))
+            if self._history():  # the runtime is up: nothing will fork beside the judge now
+                self._judge_deferred()
+            return
         self._judgements.append(
             self._judge.submit(self._judge_round, server_round, model, exchanges, seconds)
         )
+
+    def _judge_deferred(self) -> None:
+        while self._deferred:
+            self._judge_round(*self._deferred.pop(0))
 
     def _judge_round(
         self, server_round: int, model: RoundModel, exchanges: list, seconds: float
