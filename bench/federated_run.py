@@ -28,7 +28,7 @@ class FederatedRun:
 
 def federated(
     data_dir: str | None, devices: int, rounds: int, partition: str, batch: int, lr: float,
-    seed: int = 0, eval_data: str | None = None, local_epochs: int = 1,
+    seed: int = 0, eval_data: str | None = None, local_epochs: int = 1, fraction: float = 1.0,
 ) -> FederatedRun:  # fmt: skip
     from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
 
@@ -37,6 +37,7 @@ def federated(
             run_dir=Path(tmp) / "run", rounds=rounds, min_devices=devices,
             listen="127.0.0.1:0", local_epochs=local_epochs, batch_size=batch, learning_rate=lr,
             eval_data=eval_data or data_dir, poll_interval_ms=100, model_seed=seed,
+            fraction=fraction,
         )  # fmt: skip
         coordinator = Coordinator(config)
         port = coordinator.start()

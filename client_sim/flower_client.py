@@ -8,7 +8,8 @@ parameter in Core ML layout, so runs on Flower's engine are comparable with devi
 The partition comes from the node config (``partition-id``, ``num-partitions``: set by the
 simulation runtime, or ``flower-supernode --node-config``), the data and partitioning from the
 run config (``data-dir``, ``partition``, ``seed``), split as the fleet splits it (90 % train,
-10 % held out for evaluation).
+10 % held out for evaluation). A SuperNode with data of its own names it in its node config
+(``data-dir=/path``), which wins over the run config's.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def node_data(context: Context) -> tuple[DeviceData, int]:
     node, run = context.node_config, context.run_config
     index, count = int(node["partition-id"]), int(node["num-partitions"])
     seed = int(run.get("seed", 0))
-    parts = _partitions(str(run.get("data-dir", "")), str(run.get("partition", "iid")), count, seed)
+    data_dir = str(node.get("data-dir", run.get("data-dir", "")))
+    parts = _partitions(data_dir, str(run.get("partition", "iid")), count, seed)
     return parts[index], device_seed(seed, index)
 
 

@@ -145,3 +145,19 @@ def test_deployment_runtime_runs_the_app_on_supernodes(runtime, tmp_path):
     status, details = runtime.wait(run_id, timeout=400)
     assert status == "finished:completed", (details, runtime.run_log(run_id))
     check_run_directory(run_dir, rounds=2, per_round=3)
+
+
+def test_a_node_reads_its_partition_and_may_name_its_own_data(shared_mnist):
+    from fedcoreml.client_sim.flower_client import node_data
+
+    def context(**node_config):
+        return Context(
+            run_id=1, node_id=1, state=RecordDict(), run_config={**APP_DEFAULTS, "seed": 3},
+            node_config={"partition-id": 1, "num-partitions": 2, **node_config},
+        )  # fmt: skip
+
+    bundled, seed = node_data(context())
+    assert len(bundled.y_train) == 900 and len(bundled.y_eval) == 100  # 2,000 / 2, 10 % held out
+    own, _ = node_data(context(**{"data-dir": str(shared_mnist)}))
+    assert len(own.y_train) + len(own.y_eval) == 2500  # its own 5,000 images, half of them
+    assert seed == 3 * 1_000_003 + 1  # the fleet's device 1 of a fleet seeded 3
