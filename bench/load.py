@@ -237,13 +237,16 @@ async def fleet(address: str, first: int, count: int, updates: list, calls: Call
             calls.errors[f"device crashed: {type(result).__name__}: {result}"[:90]] += 1
 
 
-def run(devices: int, rounds: int, poll_ms: int, hold: bool, processes: int) -> dict:
+def run(
+    devices: int, rounds: int, poll_ms: int, hold: bool, processes: int, handout_rate: float
+) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="fedcoreml-load-"))
     command = [
         sys.executable, "-m", "fedcoreml.server.cli", "server", "--insecure",
         "--listen", "127.0.0.1:0", "--run-dir", str(run_dir), "--rounds", str(rounds),
         "--min-devices", str(devices), "--round-timeout", "900", "--session-ttl", "600",
         "--poll-interval-ms", str(poll_ms), "--long-poll-ms", "0",
+        "--handout-rate", str(handout_rate),
         "--local-epochs", "1", "--batch-size", "32",
         *(["--hold-updates"] if hold else []),
     ]  # fmt: skip
@@ -360,6 +363,10 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=2, help="load-generating processes (default 2)"
     )
+    parser.add_argument(
+        "--handout-rate", type=float, default=250.0,
+        help="the coordinator's --handout-rate (tasks per second; its default, 250)",
+    )  # fmt: skip
     parser.add_argument("--probe", nargs=2, metavar=("ADDRESS", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--fleet", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -376,7 +383,10 @@ def main() -> None:
         configs += [(quarter, True), (args.devices, True)]
     results = []
     for devices, hold in configs:
-        results.append(run(devices, args.rounds, args.poll_interval_ms, hold, args.processes))
+        results.append(
+            run(devices, args.rounds, args.poll_interval_ms, hold, args.processes,
+                args.handout_rate)
+        )  # fmt: skip
         report(results[-1])
     print("\nCoordinator peak memory, MB (growth from a quarter to the full fleet):")
     print(f"  {'mode':<20}{quarter:>10,}{args.devices:>10,}{'growth':>10}")

@@ -16,6 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Krum and Multi-Krum are told how many devices may be malicious (2 of 10); Multi-Krum averages
+# the n - f = 8 best-scored updates where Krum keeps one.
+ROBUST_ARGS = {
+    "krum": {"num_malicious_nodes": 2},
+    "multikrum": {"num_malicious_nodes": 2, "num_nodes_to_select": 8},
+}
+
 
 def run(strategy: str, poison_fraction: float, args: argparse.Namespace) -> float:
     from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
@@ -25,7 +32,7 @@ def run(strategy: str, poison_fraction: float, args: argparse.Namespace) -> floa
             run_dir=Path(tmp), rounds=args.rounds, min_devices=10, listen="127.0.0.1:0",
             strategy=strategy, local_epochs=1, batch_size=32, learning_rate=1e-3,
             eval_data=args.data_dir, poll_interval_ms=100,
-            strategy_args={"num_malicious_nodes": 2} if strategy == "krum" else {},
+            strategy_args=ROBUST_ARGS.get(strategy, {}),
         )  # fmt: skip
         coordinator = Coordinator(config)
         port = coordinator.start()
@@ -56,7 +63,7 @@ def main() -> None:
           f"{args.data_dir or 'bundled sample'}")  # fmt: skip
     clean = run("fedavg", 0.0, args)
     print(f"{'FedAvg, no poisoned devices':34s} {clean:.4f}")
-    for strategy in ("fedavg", "fedmedian", "fedtrimmedavg", "krum"):
+    for strategy in ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum"):
         accuracy = run(strategy, 0.2, args)
         print(f"{strategy + ', 20 % poisoned':34s} {accuracy:.4f} "
               f"({(accuracy - clean) * 100:+.1f} points)")  # fmt: skip

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedcoreml.ios_bridge.gateway.auth import DEFAULT_BURST, DeviceAuthInterceptor, RateLimiter
-from fedcoreml.ios_bridge.gateway.service import DeviceService, start_server
+from fedcoreml.ios_bridge.gateway.service import DeviceService, HandoutSchedule, start_server
 from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
 from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard
 from fedcoreml.ios_bridge.gateway.tls import server_credentials
@@ -55,6 +55,7 @@ class Coordinator:
         self.service = DeviceService(
             self.registry, self.board, self.store.infos, config.poll_interval_ms,
             long_poll_ms=config.long_poll_ms,
+            handout=HandoutSchedule(config.handout_rate) if config.handout_rate else None,
         )  # fmt: skip
         self.grid = DeviceGrid(
             self.registry, self.board, self.store, self.run_id, config.round_timeout,

@@ -37,6 +37,9 @@ class CoordinatorConfig:
     eval_data: str | None = None  # None: the bundled sample's test set
     session_ttl: float = 30.0
     poll_interval_ms: int = 500
+    # Tasks handed out per second at most (0: as fast as asked): spreads a large fleet's
+    # downloads over the round's first seconds instead of starting them all at once.
+    handout_rate: float = 250.0
     long_poll_ms: int = 2000  # GetTask waits this long for work before answering "wait"
     tls_cert: Path | None = None  # with tls_key: serve devices over TLS
     tls_key: Path | None = None
@@ -101,6 +104,10 @@ def check_config(config: CoordinatorConfig) -> None:
         raise CoordinatorConfigError(
             "--poll-interval-ms must be positive and --long-poll-ms not negative, got "
             f"{config.poll_interval_ms} and {config.long_poll_ms}"
+        )
+    if not config.handout_rate >= 0:
+        raise CoordinatorConfigError(
+            f"--handout-rate must be 0 (no limit) or positive, got {config.handout_rate}"
         )
     if config.round_timeout <= 0:
         raise CoordinatorConfigError(

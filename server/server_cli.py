@@ -118,6 +118,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how long GetTask may wait for work before answering 'wait' (0: never wait)",
     )
     server.add_argument(
+        "--handout-rate",
+        type=float,
+        default=250.0,
+        metavar="TASKS_PER_S",
+        help="hand tasks out at most this many per second, each device at a slot of its own, "
+        "so a large fleet's downloads do not all start at once (default 250; 0: no limit)",
+    )
+    server.add_argument(
         "--hold-updates",
         action="store_true",
         help="keep every update until the round closes, even for strategies that only need "
@@ -209,6 +217,7 @@ def _server(args: argparse.Namespace) -> int:
                 rate_limit=args.rate_limit,
                 poll_interval_ms=args.poll_interval_ms,
                 long_poll_ms=args.long_poll_ms,
+                handout_rate=args.handout_rate,
                 mean_on_arrival=not args.hold_updates,
             )
         )

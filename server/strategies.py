@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -33,6 +34,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
+    "multikrum": MultiKrum,
 }
 # Strategies whose aggregation begins with FedAvg's examples-weighted mean of the replies (they
 # subclass FedAvg and call its aggregate_train first): DeviceGrid may average updates as they

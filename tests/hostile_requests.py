@@ -19,6 +19,8 @@ import grpc
 import numpy as np
 
 from fedcoreml.ios_bridge.gateway.auth import bearer_metadata
+from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
+from fedcoreml.ios_bridge.parameters import get_parameters
 from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
 
@@ -55,6 +57,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "download another device's model": ("PERMISSION_DENIED", "was given to another device"),
     "stale round": ("FAILED_PRECONDITION", "is closed"),
     "replayed submission": ("FAILED_PRECONDITION", "already submitted"),
+    "unchanged model (no training)": ("INVALID_ARGUMENT", "nothing was trained"),
     "update for an evaluate task": ("FAILED_PRECONDITION", "is a evaluate task, not a train"),
     "evaluation accuracy out of range": ("INVALID_ARGUMENT", "accuracy must lie in [0, 1]"),
     "no token": ("UNAUTHENTICATED", "token"),
@@ -195,18 +198,7 @@ class DeviceAttacks:
         refuse("accuracy out of range", submit(stream(accuracy=1.5)))
         refuse("unknown task", submit(stream(task_id="f" * 24)))
         refuse("unknown session", submit(stream(session_id="not-a-session")))
-        refuse(
-            "evaluation for a train task",
-            lambda: stub.SubmitEvaluation(
-                device_pb2.SubmitEvaluationRequest(
-                    session_id=session,
-                    task_id=task.task_id,
-                    num_examples=10,
-                    loss=0.1,
-                    accuracy=0.5,
-                )
-            ),
-        )
+        refuse("evaluation for a train task", _evaluation(stub, session, task.task_id, 0.5))
         refuse(
             "download past the end",
             lambda: stub.DownloadModel(
@@ -231,6 +223,10 @@ class DeviceAttacks:
             )
         if self.previous_task is not None:
             refuse("stale round", submit(stream(task_id=self.previous_task)))
+        shipped = b"".join(c.data for c in stub.DownloadModel(device_pb2.DownloadModelRequest(
+            session_id=session, task_id=task.task_id)))  # fmt: skip
+        refuse("unchanged model (no training)",
+               submit(stream(get_parameters(spec_from_bytes(shipped)))))  # fmt: skip
         self._valid = valid
 
     def after_submit(self, stub, session: str, task, sent) -> None:
@@ -246,18 +242,7 @@ class DeviceAttacks:
         refuse(
             "update for an evaluate task", lambda: stub.SubmitUpdate(encode_update(header, params))
         )
-        refuse(
-            "evaluation accuracy out of range",
-            lambda: stub.SubmitEvaluation(
-                device_pb2.SubmitEvaluationRequest(
-                    session_id=session,
-                    task_id=task.task_id,
-                    num_examples=10,
-                    loss=0.1,
-                    accuracy=-0.2,
-                )
-            ),
-        )
+        refuse("evaluation accuracy out of range", _evaluation(stub, session, task.task_id, -0.2))
 
 
 class OutsiderAttacks:
@@ -298,6 +283,13 @@ class OutsiderAttacks:
                     metadata=bearer_metadata(self.stolen_token),
                 ),
             )
+
+
+def _evaluation(stub, session: str, task_id: str, accuracy: float) -> Callable[[], object]:
+    request = device_pb2.SubmitEvaluationRequest(
+        session_id=session, task_id=task_id, num_examples=10, loss=0.1, accuracy=accuracy
+    )
+    return lambda: stub.SubmitEvaluation(request)
 
 
 def _every_rpc(stub, metadata) -> list[Callable[[], object]]:

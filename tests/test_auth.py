@@ -49,7 +49,7 @@ from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
 
 SPEC = build_default_model(seed=0)
-PARAMS = get_parameters(SPEC)
+PARAMS = [(n, v + np.float32(0.01)) for n, v in get_parameters(SPEC)]  # trained
 MODEL = RoundModel.from_bytes(0, spec_to_bytes(SPEC))
 CONFIG = TaskConfig(epochs=1, batch_size=32, learning_rate=1e-3)
 TIMEOUT = 10.0

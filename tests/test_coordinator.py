@@ -163,7 +163,7 @@ def test_over_selection_closes_the_round_without_the_stragglers(tmp_path):
     )  # fmt: skip
     coordinator = Coordinator(config)
     port = coordinator.start()
-    fast = [ScriptedDevice(f"127.0.0.1:{port}", f"fast-{i}", 100 * (i + 1), 0.01 * i)
+    fast = [ScriptedDevice(f"127.0.0.1:{port}", f"fast-{i}", 100 * (i + 1), 0.01 * (i + 1))
             for i in range(3)]  # fmt: skip
     slow = [ScriptedDevice(f"127.0.0.1:{port}", f"slow-{i}", 50, 0.5, delay_s=4.0)
             for i in range(2)]  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
 
 SPEC = build_default_model(seed=0)
-PARAMS = get_parameters(SPEC)
+SHIPPED = get_parameters(SPEC)
+PARAMS = [(n, v + np.float32(0.01)) for n, v in SHIPPED]  # what a device trained
 MODEL = RoundModel.from_bytes(0, spec_to_bytes(SPEC))
 CONFIG = TaskConfig(epochs=1, batch_size=32, learning_rate=1e-3)
 
@@ -95,6 +98,7 @@ def _nan_params():
         ("evaluate task", "FAILED_PRECONDITION", "is a evaluate task, not a train task"),
         ("closed round", "FAILED_PRECONDITION", "is closed (round closed)"),
         ("submitted twice", "FAILED_PRECONDITION", "was already submitted"),
+        ("unchanged model", "INVALID_ARGUMENT", "unchanged: nothing was trained"),
         ("missing layer", "INVALID_ARGUMENT", "missing tensor(s): hidden2.bias"),
         ("wrong shape", "INVALID_ARGUMENT", "expected shape [500, 1152], got [1152, 500]"),
         ("NaN", "INVALID_ARGUMENT", "non-finite value(s)"),
@@ -121,6 +125,8 @@ def test_bad_submissions_are_refused_and_leave_the_task_untouched(gw, case, code
         gw.board.close([task_id], "round closed")
     elif case == "submitted twice":
         submit(gw, session, task_id)
+    elif case == "unchanged model":
+        params = SHIPPED
     elif case == "missing layer":
         params = PARAMS[:-1]
     elif case == "wrong shape":
@@ -283,5 +289,34 @@ def test_bulk_transfers_never_queue_ahead_of_small_calls():
         assert all(upload.result(timeout=20).accepted for upload in uploads)
     finally:
         release.set()
+        channel.close()
+        server.stop(0).wait()
+
+
+def test_tasks_are_handed_out_at_the_set_rate_each_device_at_its_own_slot():
+    from fedcoreml.ios_bridge.gateway.service import HandoutSchedule
+
+    registry, board = SessionRegistry(idle_ttl_s=30), TaskBoard()
+    service = DeviceService(registry, board, parameter_infos(SPEC), 50, long_poll_ms=0,
+                            handout=HandoutSchedule(rate_per_s=20))  # fmt: skip
+    server, port = start_server(service, "127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = device_pb2_grpc.DeviceServiceStub(channel)
+    try:
+        sessions = []
+        for i in range(5):
+            session = stub.Register(device_pb2.RegisterRequest(device_id=f"p{i}")).session_id
+            board.assign(registry.touch(session).node_id, "train", 1, MODEL, CONFIG, 30)
+            sessions.append(session)
+        first = [stub.GetTask(device_pb2.GetTaskRequest(session_id=s)) for s in sessions]
+        assert first[0].WhichOneof("task") == "train"
+        waits = [reply.wait.retry_after_ms for reply in first[1:]]
+        assert all(reply.WhichOneof("task") == "wait" for reply in first[1:])
+        assert waits == sorted(waits) and 30 <= waits[0] <= 60 and 180 <= waits[-1] <= 210
+        assert "20 per second" in first[1].wait.reason
+        time.sleep(waits[-1] / 1000)
+        again = [stub.GetTask(device_pb2.GetTaskRequest(session_id=s)) for s in sessions]
+        assert all(reply.WhichOneof("task") == "train" for reply in again)  # slots kept
+    finally:
         channel.close()
         server.stop(0).wait()

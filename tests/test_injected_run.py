@@ -19,7 +19,7 @@ from fedcoreml.ios_bridge.gateway.tokens import TokenStore
 from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
 
 DEVICES = [("phone-a", 120, 0.01), ("phone-b", 310, -0.02), ("phone-c", 575, 0.03),
-           ("phone-d", 64, 0.0)]  # fmt: skip
+           ("phone-d", 64, 0.002)]  # fmt: skip
 RUN_ID = 20261130
 
 
@@ -74,7 +74,7 @@ def test_all_hostile_requests_are_refused_and_the_model_is_bit_identical(tmp_pat
     assert outcomes.mismatches() == []
     missing = sorted(set(EXPECTED) - set(outcomes.seen))
     assert missing == []
-    assert len(outcomes.seen) >= 25
+    assert len(outcomes.seen) >= 25  # 37 kinds
     assert sum(len(v) for v in outcomes.seen.values()) > 200
     assert hashes == clean_hashes
     assert final == clean_final

@@ -23,19 +23,26 @@ def test_poison_kinds():
         Poison.parse("scale:lots")
 
 
+ROBUST_ARGS = {
+    "krum": {"num_malicious_nodes": 2},
+    "multikrum": {"num_malicious_nodes": 2, "num_nodes_to_select": 8},
+    "dp-fixed": {"clipping_norm": 1.0},  # server-side update-norm clipping, no noise
+}
+
+
 @pytest.mark.parametrize(
     ("strategy", "robust"),
-    [("fedavg", False), ("fedmedian", True), ("fedtrimmedavg", True), ("krum", True)],
-)
+    [("fedavg", False), ("fedmedian", True), ("fedtrimmedavg", True), ("krum", True),
+     ("multikrum", True), ("dp-fixed", True)],
+)  # fmt: skip
 def test_twenty_percent_poisoned_devices(tmp_path, strategy, robust):
     config = CoordinatorConfig(
         run_dir=tmp_path / "run", rounds=1, min_devices=10, round_timeout=30,
-        poll_interval_ms=50, strategy=strategy,
-        strategy_args={"num_malicious_nodes": 2} if strategy == "krum" else {},
+        poll_interval_ms=50, strategy=strategy, strategy_args=ROBUST_ARGS.get(strategy, {}),
     )  # fmt: skip
     coordinator = Coordinator(config)
     port = coordinator.start()
-    honest = [ScriptedDevice(f"127.0.0.1:{port}", f"ok-{i}", 100, 0.001 * (i % 3))
+    honest = [ScriptedDevice(f"127.0.0.1:{port}", f"ok-{i}", 100, 0.001 * (i % 3 + 1))
               for i in range(8)]  # fmt: skip
     poisoned = [ScriptedDevice(f"127.0.0.1:{port}", f"bad-{i}", 100, 50.0) for i in range(2)]
     stop, threads = start_devices(honest + poisoned)

@@ -12,10 +12,12 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import grpc
+import numpy as np
 
 from fedcoreml.ios_bridge.gateway.auth import authenticated_device_id
 from fedcoreml.ios_bridge.gateway.errors import (
@@ -26,11 +28,13 @@ from fedcoreml.ios_bridge.gateway.errors import (
 from fedcoreml.ios_bridge.gateway.sessions import Session, SessionRegistry
 from fedcoreml.ios_bridge.gateway.task_board import (
     EvaluationResult,
+    RoundModel,
     Task,
     TaskBoard,
     UpdateResult,
 )
-from fedcoreml.ios_bridge.parameters import ParameterInfo
+from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
+from fedcoreml.ios_bridge.parameters import ParameterInfo, get_parameters
 from fedcoreml.ios_bridge.tensor_codec import (
     DEFAULT_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
@@ -51,6 +55,33 @@ def _model_ref(task_model) -> device_pb2.ModelRef:
     )
 
 
+_shipped: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # by sha256, a few rounds
+_shipped_lock = threading.Lock()
+
+
+def _shipped_parameters(model: RoundModel) -> dict[str, np.ndarray]:
+    """The parameters inside a model as devices download it."""
+    with _shipped_lock:
+        found = _shipped.get(model.sha256)
+        if found is None:
+            found = _shipped[model.sha256] = dict(get_parameters(spec_from_bytes(model.data)))
+            while len(_shipped) > 4:
+                _shipped.popitem(last=False)
+        return found
+
+
+def _check_trained(model: RoundModel, parameters: list[tuple[str, np.ndarray]]) -> None:
+    """Refuse an update that is the very model the device was sent.
+
+    Training changes the parameters; returning them untouched claims examples without work (a
+    free rider), and an update of norm zero is one that Flower's server-side clipping cannot
+    handle (it divides by the norm).
+    """
+    shipped = _shipped_parameters(model)
+    if all(np.array_equal(value, shipped[name]) for name, value in parameters):
+        raise GatewayError("the update is the model this task sent, unchanged: nothing was trained")
+
+
 def _check_metrics(num_examples: int, loss: float, accuracy: float) -> None:
     if num_examples <= 0:
         raise GatewayError(f"num_examples must be positive, got {num_examples}")
@@ -64,6 +95,33 @@ def _check_metrics(num_examples: int, loss: float, accuracy: float) -> None:
         raise GatewayError(f"accuracy must lie in [0, 1], got {accuracy}")
 
 
+class HandoutSchedule:
+    """Hands tasks out at most ``rate_per_s`` per second, each device at a time slot of its own.
+
+    When a round starts, every device polling would get its task, and start a 2.3 MB download, in
+    the same second. Instead, the first time a device asks for a task it is given the next free
+    slot, and told to come back then: the round's transfers spread evenly, and nobody polls in
+    vain meanwhile.
+    """
+
+    def __init__(self, rate_per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not (math.isfinite(rate_per_s) and rate_per_s > 0):
+            raise ValueError(f"the hand-out rate must be a positive number, got {rate_per_s}")
+        self.rate_per_s = rate_per_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait_s(self, task: Task) -> float:
+        """Seconds until ``task`` may be handed out (0: now); books its slot on first ask."""
+        now = self._clock()
+        if task.handout_at is None:
+            with self._lock:
+                task.handout_at = max(self._next, now)
+                self._next = task.handout_at + 1.0 / self.rate_per_s
+        return max(task.handout_at - now, 0.0)
+
+
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     """Serves the device protocol over a session registry and a task board."""
 
@@ -75,12 +133,14 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         poll_interval_ms: int = 1000,
         long_poll_ms: int = 2000,
         max_long_polls: int = 16,
+        handout: HandoutSchedule | None = None,
     ) -> None:
         self.registry = registry
         self.board = board
         self.infos = parameter_infos
         self.poll_interval_ms = poll_interval_ms
         self.long_poll_ms = long_poll_ms
+        self.handout = handout
         # Each long poll holds a server thread; beyond this many, GetTask answers at once.
         self._long_polls = threading.BoundedSemaphore(max_long_polls)
 
@@ -142,6 +202,17 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     self._long_polls.release()
                     self.registry.release(session.node_id)
                 session = self._session(request.session_id)
+            if task is not None and self.handout is not None:
+                # (asking again before the slot, within the session's TTL, keeps it alive)
+                wait_s = min(self.handout.wait_s(task), self.registry.idle_ttl_s / 2)
+                if wait_s > 0.001:
+                    return device_pb2.GetTaskResponse(
+                        wait=device_pb2.Wait(
+                            retry_after_ms=math.ceil(wait_s * 1000),
+                            reason=f"tasks are handed out {self.handout.rate_per_s:g} per "
+                            "second; yours is ready then",
+                        )
+                    )
             if task is not None:
                 # Working on a task, a device may stay silent until the task's deadline.
                 self.registry.hold(session.node_id, task.deadline)
@@ -221,12 +292,13 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise GatewayError("the first message must be the update header")
             session = self._session(first.header.session_id)
-            self.board.task_for(first.header.task_id, session.node_id, "train")
+            assigned = self.board.task_for(first.header.task_id, session.node_id, "train")
             try:
                 header, parameters = decode_update(itertools.chain([first], messages), self.infos)
             except MalformedUpdateError as exc:
                 raise GatewayError(str(exc)) from None
             _check_metrics(header.num_examples, header.loss, header.accuracy)
+            _check_trained(assigned.model, parameters)
             task = self.board.complete(
                 header.task_id,
                 session.node_id,

@@ -92,6 +92,7 @@ class Task:
     result: UpdateResult | EvaluationResult | None = None
     assigned_at: float = field(default_factory=time.monotonic)
     sink: UpdateSink | None = None  # where an accepted update's tensors go instead of ``result``
+    handout_at: float | None = None  # monotonic time from which the device may be given it
 
 
 class TaskBoard:
