@@ -169,3 +169,14 @@ def start_devices(devices: list[ScriptedDevice]) -> tuple[threading.Event, list[
     for thread in threads:
         thread.start()
     return stop, threads
+
+
+def run_to_the_end(coordinator, stop: threading.Event, threads: list[threading.Thread]):
+    """Run the coordinator's whole run; then stop the devices (and helper threads) and it."""
+    try:
+        return coordinator.run()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        coordinator.stop()

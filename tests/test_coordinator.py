@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from protocol_devices import ScriptedDevice, start_devices
+from protocol_devices import ScriptedDevice, run_to_the_end, start_devices
 
 from fedcoreml.ios_bridge.mlmodel_io import load_spec
 from fedcoreml.ios_bridge.parameters import get_parameters
@@ -32,13 +32,7 @@ def run_coordinator(tmp_path, devices_spec, **overrides):
         for i, (n, offset, die) in enumerate(devices_spec)
     ]
     stop, threads = start_devices(devices)
-    try:
-        final = coordinator.run()
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
-        coordinator.stop()
+    final = run_to_the_end(coordinator, stop, threads)
     for device in devices:
         assert device.error is None, device.error
     return coordinator, devices, final
@@ -201,13 +195,7 @@ def test_a_round_with_too_few_reports_is_abandoned_and_sent_again(tmp_path):
                               rejoin_after_s=2.5)  # ... and come back a little later
                for i, (n, off, die) in enumerate(spec)]  # fmt: skip
     stop, threads = start_devices(devices)
-    try:
-        coordinator.run()
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
-        coordinator.stop()
+    run_to_the_end(coordinator, stop, threads)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["abandoned_attempts"] >= 1
     assert lines[1]["devices_reported"] >= 2

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from hostile_requests import EXPECTED, DeviceAttacks, Outcomes, OutsiderAttacks, Peers
-from protocol_devices import ScriptedDevice, start_devices
+from protocol_devices import ScriptedDevice, run_to_the_end, start_devices
 
 from fedcoreml.ios_bridge.gateway.tokens import TokenStore
 from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
@@ -52,13 +52,7 @@ def run(run_dir, strategy: str, attack: bool) -> tuple[list[str], bytes, Outcome
         outsider.once()  # before the run, then all through it
         threads.append(threading.Thread(target=outsider.run, args=(stop,), daemon=True))
         threads[-1].start()
-    try:
-        final = coordinator.run()
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-        coordinator.stop()
+    final = run_to_the_end(coordinator, stop, threads)
     for device in devices:
         assert device.error is None, device.error
         assert device.finished and not device.refused

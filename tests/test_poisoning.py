@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from protocol_devices import ScriptedDevice, start_devices
+from protocol_devices import ScriptedDevice, run_to_the_end, start_devices
 
 from fedcoreml.client_sim.device import DeviceError, Poison
 from fedcoreml.ios_bridge.mlmodel_io import load_spec
@@ -46,13 +46,7 @@ def test_twenty_percent_poisoned_devices(tmp_path, strategy, robust):
               for i in range(8)]  # fmt: skip
     poisoned = [ScriptedDevice(f"127.0.0.1:{port}", f"bad-{i}", 100, 50.0) for i in range(2)]
     stop, threads = start_devices(honest + poisoned)
-    try:
-        coordinator.run()
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
-        coordinator.stop()
+    run_to_the_end(coordinator, stop, threads)
     r0 = dict(get_parameters(load_spec(tmp_path / "run" / "models" / "round-0000.mlmodel")))
     r1 = dict(get_parameters(load_spec(tmp_path / "run" / "models" / "round-0001.mlmodel")))
     moved = max(float(np.abs(r1[n] - r0[n]).max()) for n in r0)
