@@ -32,6 +32,10 @@ def run_coordinator(tmp_path, devices_spec, **overrides):
         for i, (n, offset, die) in enumerate(devices_spec)
     ]
     stop, threads = start_devices(devices)
+    deadline = time.monotonic() + 30  # every device in before the first round samples
+    while len(coordinator.registry.live_node_ids()) < len(devices):
+        assert time.monotonic() < deadline, "the devices did not all register"
+        time.sleep(0.02)
     final = run_to_the_end(coordinator, stop, threads)
     for device in devices:
         assert device.error is None, device.error
