@@ -293,27 +293,47 @@ def test_bulk_transfers_never_queue_ahead_of_small_calls():
         server.stop(0).wait()
 
 
+def test_the_hand_out_schedule_gives_each_task_a_slot_of_its_own():
+    from fedcoreml.ios_bridge.gateway.service import HandoutSchedule
+
+    clock = [100.0]
+    schedule = HandoutSchedule(rate_per_s=10, clock=lambda: clock[0])
+    tasks = [board_task(i) for i in range(4)]
+    assert [schedule.wait_s(t) for t in tasks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    clock[0] = 100.15
+    assert [schedule.wait_s(t) for t in tasks] == pytest.approx([0.0, 0.0, 0.05, 0.15])
+    clock[0] = 105.0  # idle for a while: a new task is due at once, not after the old slots
+    assert schedule.wait_s(board_task(9)) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        HandoutSchedule(rate_per_s=0)
+
+
+def board_task(node: int):
+    return TaskBoard().assign(node, "train", 1, MODEL, CONFIG, 30)
+
+
 def test_tasks_are_handed_out_at_the_set_rate_each_device_at_its_own_slot():
     from fedcoreml.ios_bridge.gateway.service import HandoutSchedule
 
     registry, board = SessionRegistry(idle_ttl_s=30), TaskBoard()
     service = DeviceService(registry, board, parameter_infos(SPEC), 50, long_poll_ms=0,
-                            handout=HandoutSchedule(rate_per_s=20))  # fmt: skip
+                            handout=HandoutSchedule(rate_per_s=5))  # fmt: skip
     server, port = start_server(service, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = device_pb2_grpc.DeviceServiceStub(channel)
     try:
         sessions = []
-        for i in range(5):
+        for i in range(4):
             session = stub.Register(device_pb2.RegisterRequest(device_id=f"p{i}")).session_id
             board.assign(registry.touch(session).node_id, "train", 1, MODEL, CONFIG, 30)
             sessions.append(session)
         first = [stub.GetTask(device_pb2.GetTaskRequest(session_id=s)) for s in sessions]
         assert first[0].WhichOneof("task") == "train"
-        waits = [reply.wait.retry_after_ms for reply in first[1:]]
         assert all(reply.WhichOneof("task") == "wait" for reply in first[1:])
-        assert waits == sorted(waits) and 30 <= waits[0] <= 60 and 180 <= waits[-1] <= 210
-        assert "20 per second" in first[1].wait.reason
+        waits = [reply.wait.retry_after_ms for reply in first[1:]]
+        # slots 200 ms apart, minus the time the asking itself took
+        assert waits == sorted(waits) and waits[-1] <= 600 and waits[-1] - waits[0] >= 200
+        assert "5 per second" in first[1].wait.reason
         time.sleep(waits[-1] / 1000)
         again = [stub.GetTask(device_pb2.GetTaskRequest(session_id=s)) for s in sessions]
         assert all(reply.WhichOneof("task") == "train" for reply in again)  # slots kept
