@@ -3,7 +3,8 @@
 
 Takes the arguments of ``fedcoreml server``. When ``--run-dir`` already holds a run (its
 ``run.json``: the container is being restarted after a crash, an out-of-memory kill or a node
-drain), it runs ``fedcoreml server --resume RUN_DIR`` (keeping ``--listen``) instead, so a restart
+drain), it runs ``fedcoreml server --resume RUN_DIR`` (keeping ``--listen`` and ``--linger``)
+instead, so a restart
 continues after the last committed round with the configuration the run was started with,
 rather than starting a second run over the first one's files. A run that had finished is only
 finished again: final.mlmodel is rewritten, bit for bit the same, and the process exits.
@@ -27,6 +28,8 @@ def server_argv(argv: list[str]) -> list[str]:
         resumed = ["server", "--resume", str(args.run_dir)]
         if args.listen is not None:
             resumed += ["--listen", args.listen]
+        if args.linger:
+            resumed.append("--linger")
         return resumed
     return ["server", *argv]
 

@@ -126,6 +126,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "so a large fleet's downloads do not all start at once (default 250; 0: no limit)",
     )
     server.add_argument(
+        "--linger",
+        action="store_true",
+        help="after the last round, keep answering devices that the run is finished (with the "
+        "final model) until stopped (SIGTERM/Ctrl-C), instead of exiting: for phones that come "
+        "back later, and for service managers that restart a process that exits",
+    )
+    server.add_argument(
         "--hold-updates",
         action="store_true",
         help="keep every update until the round closes, even for strategies that only need "
@@ -229,10 +236,30 @@ def _server(args: argparse.Namespace) -> int:
     coordinator.start()
     try:
         final = coordinator.run()
+        print(f"final model: {final}", flush=True)
+        if args.linger:
+            _linger()
     finally:
         coordinator.stop()
-    print(f"final model: {final}")
     return 0
+
+
+def _linger() -> None:
+    """Block until SIGTERM or Ctrl-C; the gateway meanwhile tells devices the run is finished."""
+    import logging
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    logging.getLogger("fedcoreml.coordinator").info(
+        "run complete; still telling devices it is finished until stopped (SIGTERM or Ctrl-C)"
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -774,6 +774,7 @@ def test_entrypoint_starts_a_new_run_and_resumes_an_existing_one(tmp_path: Path)
     assert parsed.resume == run_dir and parsed.rounds is None
     explicit = ["--resume", str(run_dir)]
     assert entrypoint.server_argv(explicit) == ["server", *explicit]
+    assert entrypoint.server_argv([*argv, "--linger"])[-1] == "--linger"  # kept on resume
 
 
 def test_entrypoint_runs_the_coordinator_and_stops_on_sigterm(tmp_path: Path) -> None:
