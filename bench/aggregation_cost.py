@@ -3,8 +3,9 @@
 For K = 10, 100, 1,000 updates of all 585,958 parameters, each K in a fresh process: decode K
 SubmitUpdate streams as the gateway does, turn them into Flower reply messages (DeviceGrid),
 aggregate them with Flower's FedAvg, and bake the result into the next .mlmodel (ModelStore).
-Prints wall time per stage and the process's peak resident memory against its baseline
-(the same process before the updates arrived).
+Twice: holding every update until the round closes, and folding each into the running mean as
+it arrives (one reply holding the mean goes to FedAvg). Prints wall time per stage and the
+process's peak resident memory against its baseline (the same process before the updates).
 
     python bench/aggregation_cost.py [--counts 10 100 1000]
 """
@@ -19,7 +20,7 @@ import sys
 import time
 
 
-def measure(count: int) -> dict:
+def measure(count: int, mode: str = "hold") -> dict:
     import numpy as np
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.serverapp.strategy import FedAvg
@@ -31,6 +32,7 @@ def measure(count: int) -> dict:
     from fedcoreml.server.device_grid import DeviceGrid, arrays_to_parameters
     from fedcoreml.server.flower_identity import set_task_identity
     from fedcoreml.server.model_store import ModelStore
+    from fedcoreml.server.streaming_mean import StreamingWeightedMean
 
     spec = build_default_model(seed=0)
     infos = parameter_infos(spec)
@@ -51,10 +53,19 @@ def measure(count: int) -> dict:
 
     start = time.perf_counter()
     replies = []
+    mean = StreamingWeightedMean()
     for i in range(count):
         _, params = decode_update((device_pb2.UpdateChunk.FromString(b) for b in wire), infos)
-        task = Task(f"t{i}", 1, "train", 1, None, None, 0.0, status="submitted",
-                    result=UpdateResult(params, 100 + i, 0.1, 0.9, 1.0))  # fmt: skip
+        result = UpdateResult(params, 100 + i, 0.1, 0.9, 1.0)
+        if mode == "stream":  # as the task board's sink does when an update is accepted
+            mean.reserve()
+            mean.add(result)
+            continue
+        task = Task(f"t{i}", 1, "train", 1, None, None, 0.0, status="submitted", result=result)
+        replies.append(grid._reply(instruction, task))
+    if mode == "stream":  # DeviceGrid hands the strategy one reply holding the mean
+        combined = UpdateResult(mean.mean(), mean.total_examples, 0.1, 0.9, 1.0)
+        task = Task("t", 1, "train", 1, None, None, 0.0, status="submitted", result=combined)
         replies.append(grid._reply(instruction, task))
     decode_s = time.perf_counter() - start
 
@@ -80,19 +91,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="hold", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.one)))
+        print(json.dumps(measure(args.one, args.mode)))
         return
-    print(f"{'K':>6} {'decode s':>9} {'FedAvg s':>9} {'.mlmodel s':>10} {'total s':>8} "
+    modes = (
+        ("hold", "every update held until the round closes (--hold-updates)"),
+        ("stream", "mean on arrival (the default for the FedAvg family)"),
+    )
+    for mode, title in modes:
+        print(f"\n{title}")
+        table(args.counts, mode)
+
+
+def table(counts: list[int], mode: str) -> None:
+    stage = "decode+fold" if mode == "stream" else "decode s"
+    print(f"{'K':>6} {stage:>11} {'FedAvg s':>9} {'.mlmodel s':>10} {'total s':>8} "
           f"{'peak MiB':>9} {'+MiB over base':>15} {'MiB/update':>11}")  # fmt: skip
-    for count in args.counts:
-        out = subprocess.run([sys.executable, __file__, "--one", str(count)],
+    for count in counts:
+        out = subprocess.run([sys.executable, __file__, "--one", str(count), "--mode", mode],
                              capture_output=True, text=True, check=True)  # fmt: skip
         r = json.loads(out.stdout.strip().splitlines()[-1])
         extra = r["peak_mib"] - r["baseline_mib"]
         total = r["decode_s"] + r["aggregate_s"] + r["build_s"]
-        times = f"{r['decode_s']:>9.2f} {r['aggregate_s']:>9.2f} {r['build_s']:>10.3f}"
+        times = f"{r['decode_s']:>11.2f} {r['aggregate_s']:>9.2f} {r['build_s']:>10.3f}"
         memory = f"{r['peak_mib']:>9.0f} {extra:>15.0f} {extra / count:>11.2f}"
         print(f"{count:>6} {times} {total:>8.2f} {memory}")
 
