@@ -29,6 +29,7 @@ class FederatedRun:
 def federated(
     data_dir: str | None, devices: int, rounds: int, partition: str, batch: int, lr: float,
     seed: int = 0, eval_data: str | None = None, local_epochs: int = 1, fraction: float = 1.0,
+    strategy: str = "fedavg", strategy_args: dict | None = None, fleet_args: tuple = (),
 ) -> FederatedRun:  # fmt: skip
     from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
 
@@ -37,13 +38,13 @@ def federated(
             run_dir=Path(tmp) / "run", rounds=rounds, min_devices=devices,
             listen="127.0.0.1:0", local_epochs=local_epochs, batch_size=batch, learning_rate=lr,
             eval_data=eval_data or data_dir, poll_interval_ms=100, model_seed=seed,
-            fraction=fraction,
+            fraction=fraction, strategy=strategy, strategy_args=strategy_args or {},
         )  # fmt: skip
         coordinator = Coordinator(config)
         port = coordinator.start()
         command = [sys.executable, "-m", "fedcoreml.server.cli", "devices", "--server",
                    f"127.0.0.1:{port}", "--count", str(devices), "--partition", partition,
-                   "--seed", str(seed)]  # fmt: skip
+                   "--seed", str(seed), *fleet_args]  # fmt: skip
         if data_dir:
             command += ["--data-dir", data_dir]
         fleet = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -100,6 +100,7 @@ async def device(
     address: str, index: int, updates: list, calls: Calls, started: asyncio.Event
 ) -> None:
     rng = random.Random(index)
+    num_tensors = len(parameter_names(updates[0]))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = device_pb2_grpc.DeviceServiceStub(channel)
         session = (await stub.Register(device_pb2.RegisterRequest(
@@ -137,7 +138,7 @@ async def device(
                 header = device_pb2.UpdateChunk(header=device_pb2.UpdateHeader(
                     session_id=session, task_id=task.task_id, num_examples=rng.randint(20, 600),
                     loss=0.5, accuracy=0.5, train_seconds=1.0,
-                    num_tensors=len(parameter_names(updates[0]))))  # fmt: skip
+                    num_tensors=num_tensors))  # fmt: skip
                 begin = time.perf_counter()
                 await stub.SubmitUpdate(iter([header, *updates[index % len(updates)]]))
                 calls.latencies["SubmitUpdate"].append(time.perf_counter() - begin)
@@ -377,7 +378,12 @@ def main() -> None:
         address, first, count, out = args.fleet
         fleet_process(address, int(first), int(count), Path(out))
         return
-    quarter = max(args.devices // 4, 1)
+    if args.devices // 4 <= PROBE_DEVICES:
+        parser.error(
+            f"--devices must be at least {4 * (PROBE_DEVICES + 1)}: a quarter of the "
+            f"fleet, the small run, must outnumber the {PROBE_DEVICES} probe devices"
+        )
+    quarter = args.devices // 4
     configs = [(quarter, False), (args.devices, False)]
     if not args.no_baseline:
         configs += [(quarter, True), (args.devices, True)]

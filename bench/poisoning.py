@@ -11,10 +11,8 @@ run measured in the same invocation.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+
+from federated_run import federated
 
 # Krum and Multi-Krum are told how many devices may be malicious (2 of 10); Multi-Krum averages
 # the n - f = 8 best-scored updates where Krum keeps one.
@@ -25,29 +23,12 @@ ROBUST_ARGS = {
 
 
 def run(strategy: str, poison_fraction: float, args: argparse.Namespace) -> float:
-    from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = CoordinatorConfig(
-            run_dir=Path(tmp), rounds=args.rounds, min_devices=10, listen="127.0.0.1:0",
-            strategy=strategy, local_epochs=1, batch_size=32, learning_rate=1e-3,
-            eval_data=args.data_dir, poll_interval_ms=100,
-            strategy_args=ROBUST_ARGS.get(strategy, {}),
-        )  # fmt: skip
-        coordinator = Coordinator(config)
-        port = coordinator.start()
-        command = [sys.executable, "-m", "fedcoreml.server.cli", "devices", "--server",
-                   f"127.0.0.1:{port}", "--count", "10", "--poison-fraction",
-                   str(poison_fraction), "--poison", args.poison]  # fmt: skip
-        if args.data_dir:
-            command += ["--data-dir", args.data_dir]
-        fleet = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            coordinator.run()
-        finally:
-            coordinator.stop()
-            fleet.wait(timeout=120)
-        return coordinator.records[-1].test_accuracy
+    fleet = ("--poison-fraction", str(poison_fraction), "--poison", args.poison)
+    result = federated(
+        args.data_dir, 10, args.rounds, "iid", 32, 1e-3, strategy=strategy,
+        strategy_args=ROBUST_ARGS.get(strategy, {}), fleet_args=fleet,
+    )  # fmt: skip
+    return result.accuracy
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 from fedcoreml.ios_bridge.gateway.auth import RETRY_AFTER_KEY, bearer_metadata
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes, spec_to_bytes
-from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
+from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
 from fedcoreml.ios_bridge.tensor_codec import (
     DEFAULT_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
@@ -217,10 +217,13 @@ class DeviceStats:
     last_round: int | None = None
     last_train_accuracy: float | None = None
     last_accuracy: float | None = None  # on the held-out split, from the last evaluate task
-    dropped_out: bool = False
     dropouts: int = 0  # times the device vanished mid-task (it may have come back)
     finished: bool = False
     error: str | None = None
+
+    @property
+    def dropped_out(self) -> bool:
+        return self.dropouts > 0
 
     @property
     def outcome(self) -> str:
@@ -252,16 +255,8 @@ def architecture_key(spec: Model_pb2.Model) -> str:
     Two specs with the same key build the same emulator (frozen weights, loss, optimizer and
     allowed values included); only the updatable parameters need loading.
     """
-    bare = Model_pb2.Model()
-    bare.CopyFrom(spec)
+    bare = strip_parameters(spec)
     bare.description.metadata.Clear()
-    updatable = {(info.layer, info.field) for info in parameter_infos(bare)}
-    nn = bare.neuralNetwork if bare.HasField("neuralNetwork") else bare.neuralNetworkClassifier
-    for raw in nn.layers:
-        typed = getattr(raw, raw.WhichOneof("layer"))
-        for field_name in ("weights", "bias"):
-            if (raw.name, field_name) in updatable:
-                getattr(typed, field_name).ClearField("floatValue")
     return hashlib.sha256(spec_to_bytes(bare)).hexdigest()
 
 
@@ -462,6 +457,13 @@ class SimulatedDevice:
 
     # -- calls --------------------------------------------------------------------------------
 
+    def _unary(self, what: str, method: Callable[..., T], request: object) -> T:
+        """A unary call with the device's deadline and token, retried as :meth:`_call` does."""
+        call = functools.partial(
+            method, request, timeout=self._retry.rpc_timeout, metadata=self._metadata
+        )
+        return self._call(what, call)
+
     def _call(self, what: str, call: Callable[[], T]) -> T:
         """``call()``, retried with backoff while it fails with a transient status code."""
         backoff = _Backoff(self._retry, self._jitter_rng, self._sleep)
@@ -499,14 +501,8 @@ class SimulatedDevice:
         return True
 
     def _register(self) -> None:
-        call = functools.partial(
-            self._stub.Register,
-            self._register_request,
-            timeout=self._retry.rpc_timeout,
-            metadata=self._metadata,
-        )
         try:
-            response = self._call("Register", call)
+            response = self._unary("Register", self._stub.Register, self._register_request)
         except grpc.RpcError as exc:
             raise DeviceError(
                 f"the coordinator refused the registration ({_describe(exc)})"
@@ -527,14 +523,8 @@ class SimulatedDevice:
             request = device_pb2.GetTaskRequest(
                 session_id=self._session_id, capabilities=self._capabilities
             )
-            call = functools.partial(
-                self._stub.GetTask,
-                request,
-                timeout=self._retry.rpc_timeout,
-                metadata=self._metadata,
-            )
             try:
-                response = self._call("GetTask", call)
+                response = self._unary("GetTask", self._stub.GetTask, request)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise DeviceError(f"GetTask refused ({_describe(exc)})") from None
@@ -586,7 +576,6 @@ class SimulatedDevice:
             )
             drawn = self._drop_probability and self._drop_rng.random() < self._drop_probability
             if scheduled or drawn:
-                self.stats.dropped_out = True
                 self.stats.dropouts += 1
                 log.warning(
                     "%s: dropping out during task %s (simulated: the phone vanished after the "
@@ -757,14 +746,8 @@ class SimulatedDevice:
             loss=loss,
             accuracy=accuracy,
         )
-        call = functools.partial(
-            self._stub.SubmitEvaluation,
-            request,
-            timeout=self._retry.rpc_timeout,
-            metadata=self._metadata,
-        )
         try:
-            response = self._call("SubmitEvaluation", call)
+            response = self._unary("SubmitEvaluation", self._stub.SubmitEvaluation, request)
         except grpc.RpcError as exc:
             raise self._task_error("SubmitEvaluation", exc) from None
         if not response.accepted:

@@ -127,11 +127,13 @@ def _check(args: argparse.Namespace) -> None:
         raise DevicesArgumentError("--slow-fraction needs --slow-seconds greater than 0")
     if args.slow_seconds < 0:
         raise DevicesArgumentError(f"--slow-seconds must be >= 0, got {args.slow_seconds}")
-    if not 0.0 <= args.drop_probability <= 1.0:
-        raise DevicesArgumentError(
-            f"--drop-probability must lie in [0, 1], got {args.drop_probability}"
-        )
-    for option in ("drop_fraction", "slow_fraction", "drop_each_round", "poison_fraction"):
+    for option in (
+        "drop_probability",
+        "drop_fraction",
+        "slow_fraction",
+        "drop_each_round",
+        "poison_fraction",
+    ):
         value = getattr(args, option)
         if not 0.0 <= value <= 1.0:
             flag = "--" + option.replace("_", "-")

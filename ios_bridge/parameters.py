@@ -168,10 +168,14 @@ def set_parameters(
     infos = parameter_infos(spec, model_name) if infos is None else infos
     arrays = check_parameters(infos, parameters)
     for info, value in zip(infos, arrays, strict=True):
-        payload = np.ascontiguousarray(value, dtype="<f4").tobytes()
-        weights = _weight_params(spec, info)
-        weights.ClearField("floatValue")
-        weights.MergeFromString(_FLOAT_VALUE_TAG + _varint(len(payload)) + payload)
+        _write_floats(_weight_params(spec, info), value)
+
+
+def _write_floats(weights: NeuralNetwork_pb2.WeightParams, value: np.ndarray) -> None:
+    """Replace ``weights.floatValue`` with ``value``, as one packed run of bytes."""
+    payload = np.ascontiguousarray(value, dtype="<f4").tobytes()
+    weights.ClearField("floatValue")
+    weights.MergeFromString(_FLOAT_VALUE_TAG + _varint(len(payload)) + payload)
 
 
 def strip_parameters(spec: Model_pb2.Model, model_name: str = "model") -> Model_pb2.Model:
@@ -212,9 +216,7 @@ def fill_parameters(
             raise ParameterError(
                 f"parameter {name!r}: {model_name} has no layer {layer!r}"
             ) from None
-        payload = np.ascontiguousarray(value, dtype="<f4").tobytes()
-        weights.ClearField("floatValue")
-        weights.MergeFromString(_FLOAT_VALUE_TAG + _varint(len(payload)) + payload)
+        _write_floats(weights, value)
     try:
         infos = parameter_infos(spec, model_name)
     except FedCoreMLError as exc:  # a layer left without values

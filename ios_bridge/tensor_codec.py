@@ -154,7 +154,7 @@ def decode_update(
         accuracy=float(header_msg.accuracy),
         train_seconds=float(header_msg.train_seconds),
     )
-    return header, [(name, value.astype(np.float32, copy=False)) for name, value in parameters]
+    return header, parameters
 
 
 def _finish(

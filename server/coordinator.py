@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fedcoreml.client_sim.data import Dataset
 from fedcoreml.ios_bridge.gateway.auth import DEFAULT_BURST, DeviceAuthInterceptor, RateLimiter
 from fedcoreml.ios_bridge.gateway.service import DeviceService, HandoutSchedule, start_server
 from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
@@ -47,18 +48,16 @@ class Coordinator:
     ) -> None:
         self.config = config
         self.federated = FederatedRun(config, on_round, resume_after, run_id)
-        self.eval_data = self.federated.eval_data
-        self.run_id = self.federated.run_id
-        self.store = self.federated.store
         self.registry = SessionRegistry(idle_ttl_s=config.session_ttl)
         self.board = TaskBoard()
         self.service = DeviceService(
-            self.registry, self.board, self.store.infos, config.poll_interval_ms,
+            self.registry, self.board, self.federated.store.infos, config.poll_interval_ms,
             long_poll_ms=config.long_poll_ms,
             handout=HandoutSchedule(config.handout_rate) if config.handout_rate else None,
         )  # fmt: skip
         self.grid = DeviceGrid(
-            self.registry, self.board, self.store, self.run_id, config.round_timeout,
+            self.registry, self.board, self.federated.store, self.federated.run_id,
+            config.round_timeout,
             round_offset=self.federated.start_round,
             policy=RoundPolicy(
                 config.over_selection, config.min_reports, config.max_attempts,
@@ -72,6 +71,10 @@ class Coordinator:
     def records(self) -> list[RoundRecord]:
         return self.federated.records
 
+    @property
+    def eval_data(self) -> Dataset:
+        return self.federated.eval_data
+
     @classmethod
     def resume(
         cls,
@@ -80,11 +83,12 @@ class Coordinator:
         on_round: Callable[[RoundRecord], None] | None = None,
     ) -> Coordinator:
         """Continue the run in ``run_dir`` after its last committed round."""
-        saved = RunDirectory(run_dir).read_config()
+        directory = RunDirectory(run_dir)
+        saved = directory.read_config()
         config = CoordinatorConfig.from_json({**saved, "run_dir": str(run_dir)})
         if listen is not None:
             config.listen = listen
-        last = RunDirectory(run_dir).last_committed_round()
+        last = directory.last_committed_round()
         return cls(config, on_round, resume_after=last, run_id=int(saved["run_id"]))
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -129,8 +133,8 @@ class Coordinator:
         if self._server is None:
             self.start()
         # Outside Flower's runtime nobody else sets the task identity Flower's messages need.
-        set_task_identity(self.run_id)
-        final = self.federated.run(self.grid, lambda: self.grid.history)
+        set_task_identity(self.federated.run_id)
+        final = self.federated.run(self.grid)
         self._finish(final)
         return self.federated.run_dir.final_model
 

@@ -33,6 +33,7 @@ from fedcoreml.ios_bridge.flower_messages import (
     BATCH_SIZE_KEY,
     EPOCHS_KEY,
     LEARNING_RATE_KEY,
+    NUM_EXAMPLES_KEY,
     ROUND_KEY,
     arrays_to_parameters,
     parameters_to_arrays,
@@ -72,6 +73,12 @@ class RoundPolicy:
     # Fold each accepted update into a running weighted mean and hand the strategy one reply
     # holding that mean: only for strategies that start by averaging (see strategies.py).
     mean_on_arrival: bool = False
+
+
+def _give_id(message: Message) -> Message:
+    """A fresh message id, as Flower's own grids give a message they push or a reply."""
+    message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return message
 
 
 class DeviceGrid(Grid):
@@ -128,7 +135,7 @@ class DeviceGrid(Grid):
         ids = []
         for message in messages:
             task = self._assign(message, models, sink)
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's own grids
+            _give_id(message)
             with self._lock:
                 self._pushed[message.metadata.message_id] = (message, task)
             ids.append(message.metadata.message_id)
@@ -233,13 +240,12 @@ class DeviceGrid(Grid):
         instruction = next(
             m for m in messages if m.metadata.message_id == first.metadata.reply_to_message_id
         )
-        metrics = MetricRecord({"num-examples": sink.total_examples, **sink.metrics()})
-        combined = Message(
-            RecordDict({"arrays": parameters_to_arrays(sink.mean()), "metrics": metrics}),
-            reply_to=instruction,
-        )
-        combined.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        return [*failed, combined]
+        means = sink.metrics()
+        combined = UpdateResult(
+            sink.mean(), sink.total_examples, means["loss"], means["accuracy"],
+            means["train-seconds"],
+        )  # fmt: skip
+        return [*failed, self._result_reply(instruction, combined)]
 
     def _copy_to(self, message: Message, node_id: int) -> Message:
         return Message(
@@ -316,31 +322,24 @@ class DeviceGrid(Grid):
         return task
 
     def _reply(self, message: Message, task: Task) -> Message:
-        result = task.result
-        if task.status != "submitted" or result is None:
-            reply = Message(Error(DEVICE_FAILED, task.failure or "no result"), reply_to=message)
-        elif isinstance(result, UpdateResult):
-            metrics = MetricRecord(
-                {
-                    "num-examples": result.num_examples,
-                    "loss": result.loss,
-                    "accuracy": result.accuracy,
-                    "train-seconds": result.train_seconds,
-                }
+        if task.status != "submitted" or task.result is None:
+            return _give_id(
+                Message(Error(DEVICE_FAILED, task.failure or "no result"), reply_to=message)
             )
-            content = RecordDict(
-                {"arrays": parameters_to_arrays(result.parameters), "metrics": metrics}
-            )
-            reply = Message(content, reply_to=message)
+        return self._result_reply(message, task.result)
+
+    def _result_reply(self, message: Message, result: UpdateResult | EvaluationResult) -> Message:
+        metrics = {
+            NUM_EXAMPLES_KEY: result.num_examples,
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+        }
+        if isinstance(result, UpdateResult):
+            metrics["train-seconds"] = result.train_seconds
+            content = RecordDict({
+                "arrays": parameters_to_arrays(result.parameters),
+                "metrics": MetricRecord(metrics),
+            })  # fmt: skip
         else:
-            assert isinstance(result, EvaluationResult)
-            metrics = MetricRecord(
-                {
-                    "num-examples": result.num_examples,
-                    "loss": result.loss,
-                    "accuracy": result.accuracy,
-                }
-            )
-            reply = Message(RecordDict({"metrics": metrics}), reply_to=message)
-        reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        return reply
+            content = RecordDict({"metrics": MetricRecord(metrics)})
+        return _give_id(Message(content, reply_to=message))

@@ -48,16 +48,16 @@ class ExchangeStats:
             self.reported += 1
             if metrics is None:
                 continue
-            examples = int(metrics.get("num-examples", 0))
+            examples = int(metrics.get(NUM_EXAMPLES_KEY, 0))
             self.examples += examples
             weighted_accuracy += float(metrics.get("accuracy", 0.0)) * examples
         if self.examples:
             self.accuracy = weighted_accuracy / self.examples
 
 
-def message_round(message: Message, offset: int = 0) -> int:
+def message_round(message: Message) -> int:
     config = next(iter(message.content.config_records.values()), None)
-    return int(config.get(ROUND_KEY, 0) if config is not None else 0) + offset
+    return int(config.get(ROUND_KEY, 0) if config is not None else 0)
 
 
 def message_kind(message: Message) -> str:
@@ -72,9 +72,8 @@ class RecordingGrid(Grid):
     of what each round aggregated.
     """
 
-    def __init__(self, grid: Grid, round_offset: int = 0, keep_dir: Path | None = None) -> None:
+    def __init__(self, grid: Grid, keep_dir: Path | None = None) -> None:
         self.grid = grid
-        self.round_offset = round_offset
         self.keep_dir = keep_dir
         self.history: list[ExchangeStats] = []
 
@@ -112,7 +111,7 @@ class RecordingGrid(Grid):
             return []
         stats = ExchangeStats(
             kind=message_kind(messages[0]),
-            round=message_round(messages[0], self.round_offset),
+            round=message_round(messages[0]),
             started_at=time.time(),
             sampled=len(messages),
         )

@@ -18,7 +18,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid
 
 from fedcoreml.client_sim.data import Dataset, load_dataset
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
@@ -37,7 +36,8 @@ from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes, spec_to_
 from fedcoreml.ios_bridge.network import parse_network
 from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
 from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_params
-from fedcoreml.server.exchanges import ExchangeStats
+from fedcoreml.server.device_grid import DeviceGrid
+from fedcoreml.server.exchanges import ExchangeStats, RecordingGrid
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.run_config import CoordinatorConfig, RoundRecord, check_config
 from fedcoreml.server.run_dir import RunDirectory
@@ -62,6 +62,7 @@ class FederatedRun:
         # Resuming: rounds up to and including this one are committed in the run directory.
         self.resume_after = resume_after
         self.start_round = resume_after or 0
+        self.run_dir = RunDirectory(config.run_dir)
         self.spec, self.model_name = self._load_model()
         network = parse_network(self.spec, self.model_name)
         self.training: TrainingConfig = parse_update_params(self.spec, network).resolve(
@@ -76,7 +77,6 @@ class FederatedRun:
             options=config.strategy_args,
         )
         self.eval_data: Dataset = load_dataset(config.eval_data)
-        self.run_dir = RunDirectory(config.run_dir)
         self.store = ModelStore(self.spec, self.model_name)
         self.run_id = run_id if run_id is not None else secrets.randbits(63)
         self.records: list[RoundRecord] = []
@@ -84,7 +84,7 @@ class FederatedRun:
     def _load_model(self) -> tuple[Model_pb2.Model, str]:
         if self.resume_after is not None:
             # The committed global model, bit for bit: architecture, settings and parameters.
-            path = RunDirectory(self.config.run_dir).round_model(self.resume_after)
+            path = self.run_dir.round_model(self.resume_after)
             name = str(self.config.model) if self.config.model else "default model"
             return load_spec(path), name
         if self.config.model is None:
@@ -99,14 +99,13 @@ class FederatedRun:
 
     def run(
         self,
-        grid: Grid,
-        history: Callable[[], list[ExchangeStats]],
+        grid: DeviceGrid | RecordingGrid,
         ship_architecture: bool = False,
         judge_in_background: bool = True,
     ) -> RoundModel:
         """Run every round on ``grid``; returns the final model, written as final.mlmodel.
 
-        ``history`` gives the exchanges the grid has recorded so far (for the metrics);
+        The grid's recorded exchanges (``grid.history``) go into the metrics;
         ``ship_architecture`` adds the model's architecture to every message's config.
         ``judge_in_background`` overlaps judging a round's model with the next round. Without
         it, judging runs in line, and the initial model is judged only after the first exchange:
@@ -115,18 +114,19 @@ class FederatedRun:
         forever for worker threads the fork handler shut down.
         """
         config = self.config
+        parameters = get_parameters(self.spec, self.model_name)
         if self.resume_after is None:
             self.run_dir.write_config(
                 {**config.to_json(), "model_name": self.model_name, "run_id": self.run_id}
             )
         else:
-            committed = self.store.build(get_parameters(self.spec, self.model_name), 0)
+            committed = self.store.build(parameters, 0)
             log.info(
                 "resuming run %d after round %d of %d (global model sha256 %s)",
                 self.run_id, self.resume_after, config.rounds, committed.sha256,
             )  # fmt: skip
-        self._history = history
-        initial = parameters_to_arrays(get_parameters(self.spec, self.model_name))
+        self._history = lambda: grid.history
+        initial = parameters_to_arrays(parameters)
         shared = {ARCHITECTURE_KEY: self.architecture()} if ship_architecture else {}
         train_config = ConfigRecord(
             {
@@ -210,21 +210,24 @@ class FederatedRun:
         loss, accuracy = judged.evaluate(
             self.eval_data.x_test, self.eval_data.y_test, self.probabilities
         )
-        train = next((s for s in exchanges if s.kind == "train"), None)
-        evaluate = next((s for s in exchanges if s.kind == "evaluate"), None)
+        # a round without an exchange of a kind (the initial model's) counts nothing for it
+        train = next((s for s in exchanges if s.kind == "train"), ExchangeStats("train", 0))
+        evaluate = next(
+            (s for s in exchanges if s.kind == "evaluate"), ExchangeStats("evaluate", 0)
+        )
         record = RoundRecord(
             round=server_round,
             test_accuracy=round(accuracy, 6),
             test_loss=round(loss, 6),
-            devices_sampled=train.sampled if train else 0,
-            devices_reported=train.reported if train else 0,
-            devices_failed=train.failed if train else 0,
-            examples=train.examples if train else 0,
+            devices_sampled=train.sampled,
+            devices_reported=train.reported,
+            devices_failed=train.failed,
+            examples=train.examples,
             seconds=round(seconds, 3),
             model_sha256=model.sha256,
-            evaluated_devices=evaluate.reported if evaluate else 0,
-            device_accuracy=evaluate.accuracy if evaluate else None,
-            abandoned_attempts=train.abandoned if train else 0,
+            evaluated_devices=evaluate.reported,
+            device_accuracy=evaluate.accuracy,
+            abandoned_attempts=train.abandoned,
         )
         self.run_dir.append_metrics(asdict(record))
         self.records.append(record)

@@ -69,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
     keep = bool(context.run_config.get("keep-updates", False))
     recording = RecordingGrid(grid, keep_dir=run.run_dir.path / "updates" if keep else None)
     log.info("fedcoreml ServerApp: run %d into %s", context.run_id, config.run_dir)
-    run.run(recording, lambda: recording.history, ship_architecture=True, judge_in_background=False)
+    run.run(recording, ship_architecture=True, judge_in_background=False)
     trained = [s for s in recording.history if s.kind == "train"]
     if not any(s.reported for s in trained):
         # Flower still calls such a run completed; it learned nothing, so say it failed.

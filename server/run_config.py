@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.gateway.auth import DEFAULT_RATE_PER_S
 
 
 class CoordinatorConfigError(FedCoreMLError):
@@ -44,7 +45,7 @@ class CoordinatorConfig:
     tls_cert: Path | None = None  # with tls_key: serve devices over TLS
     tls_key: Path | None = None
     require_tokens: bool = False  # devices must present a token from the run's tokens.json
-    rate_limit: float = 5.0  # calls per second per device (with tokens), burst 20
+    rate_limit: float = DEFAULT_RATE_PER_S  # calls per second per device (with tokens)
     over_selection: float = 1.0  # e.g. 1.3: ask 30 % more devices, close at the number wanted
     min_reports: int = 1  # fewer valid reports: the round is abandoned and sent again
     max_attempts: int = 3

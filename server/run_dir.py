@@ -10,13 +10,13 @@ Every write replaces a file atomically, so a crash never leaves a half-written f
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from fedcoreml.ios_bridge.atomic_file import write_bytes_atomic, write_text_atomic
 from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.mlmodel_io import sha256_hex
 
 
 class RunDirectoryError(FedCoreMLError):
@@ -78,7 +78,7 @@ class RunDirectory:
             if not path.exists():
                 raise RunDirectoryError(f"{path}: missing, but metrics.jsonl records round "
                                         f"{round_number}")  # fmt: skip
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_hex(path.read_bytes())
             if digest != line["model_sha256"]:
                 raise RunDirectoryError(
                     f"{path}: sha256 {digest[:12]}... differs from the {line['model_sha256'][:12]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedcoreml.ios_bridge.gateway.auth import DEFAULT_RATE_PER_S
 from fedcoreml.server.strategies import STRATEGY_NAMES
 
 
@@ -103,7 +104,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="refuse devices without a valid token from RUN_DIR/tokens.json (see fedcoreml tokens)",
     )
     server.add_argument(
-        "--rate-limit", type=float, default=5.0, help="calls per second per device (with tokens)"
+        "--rate-limit",
+        type=float,
+        default=DEFAULT_RATE_PER_S,
+        help="calls per second per device (with tokens)",
     )
     server.add_argument(
         "--poll-interval-ms",

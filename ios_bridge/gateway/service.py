@@ -7,12 +7,12 @@ model's updatable parameters and handed to the task board only when valid.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
@@ -55,19 +55,10 @@ def _model_ref(task_model) -> device_pb2.ModelRef:
     )
 
 
-_shipped: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # by sha256, a few rounds
-_shipped_lock = threading.Lock()
-
-
+@functools.lru_cache(maxsize=4)  # a few rounds' models
 def _shipped_parameters(model: RoundModel) -> dict[str, np.ndarray]:
     """The parameters inside a model as devices download it."""
-    with _shipped_lock:
-        found = _shipped.get(model.sha256)
-        if found is None:
-            found = _shipped[model.sha256] = dict(get_parameters(spec_from_bytes(model.data)))
-            while len(_shipped) > 4:
-                _shipped.popitem(last=False)
-        return found
+    return dict(get_parameters(spec_from_bytes(model.data)))
 
 
 def _check_trained(model: RoundModel, parameters: list[tuple[str, np.ndarray]]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fedcoreml.ios_bridge.gateway.errors import (
     GatewayError,
@@ -30,7 +30,11 @@ class Session:
     app_version: str
     last_seen: float
     held_until: float = 0.0  # a device holding a task stays live until this (monotonic) time
-    capabilities: dict[str, float] = field(default_factory=dict)
+
+
+def valid_device_id(device_id: str) -> bool:
+    """1 to MAX_DEVICE_ID_LENGTH printable characters."""
+    return 0 < len(device_id) <= MAX_DEVICE_ID_LENGTH and device_id.isprintable()
 
 
 class SessionRegistry:
@@ -48,7 +52,7 @@ class SessionRegistry:
         self, device_id: str, platform: str = "", os_version: str = "", app_version: str = ""
     ) -> Session:
         """A new session for ``device_id``; one it had before is replaced (keeping its node)."""
-        if not device_id or len(device_id) > MAX_DEVICE_ID_LENGTH or not device_id.isprintable():
+        if not valid_device_id(device_id):
             raise GatewayError(
                 f"device_id must be 1-{MAX_DEVICE_ID_LENGTH} printable characters, "
                 f"got {device_id!r:.40}"

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -90,7 +90,6 @@ class Task:
     status: TaskStatus = "pending"
     failure: str = ""
     result: UpdateResult | EvaluationResult | None = None
-    assigned_at: float = field(default_factory=time.monotonic)
     sink: UpdateSink | None = None  # where an accepted update's tensors go instead of ``result``
     handout_at: float | None = None  # monotonic time from which the device may be given it
 

@@ -34,7 +34,7 @@ from typing import Any
 from fedcoreml.ios_bridge.atomic_file import write_text_atomic
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 from fedcoreml.ios_bridge.gateway.errors import GatewayError
-from fedcoreml.ios_bridge.gateway.sessions import MAX_DEVICE_ID_LENGTH
+from fedcoreml.ios_bridge.gateway.sessions import MAX_DEVICE_ID_LENGTH, valid_device_id
 
 __all__ = [
     "TOKENS_FILE",
@@ -88,7 +88,7 @@ def _now() -> str:
 
 def check_device_id(device_id: str) -> None:
     """Refuse a device id the gateway would refuse at ``Register``."""
-    if not device_id or len(device_id) > MAX_DEVICE_ID_LENGTH or not device_id.isprintable():
+    if not valid_device_id(device_id):
         raise TokenError(
             f"device id must be 1-{MAX_DEVICE_ID_LENGTH} printable characters, "
             f"got {device_id!r:.40}"
