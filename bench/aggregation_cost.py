@@ -26,11 +26,11 @@ def measure(count: int, mode: str = "hold") -> dict:
     from flwr.serverapp.strategy import FedAvg
 
     from fedcoreml.ios_bridge.default_model import build_default_model
-    from fedcoreml.ios_bridge.gateway.task_board import Task, UpdateResult
     from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
     from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, decode_update, encode_update
     from fedcoreml.server.device_grid import DeviceGrid, arrays_to_parameters
     from fedcoreml.server.flower_identity import set_task_identity
+    from fedcoreml.server.gateway.task_board import Task, UpdateResult
     from fedcoreml.server.model_store import ModelStore
     from fedcoreml.server.streaming_mean import StreamingWeightedMean
 

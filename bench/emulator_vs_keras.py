@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcoreml.client_sim.data import load_dataset
 from fedcoreml.client_sim.emulator import CoreMLEmulator
 from fedcoreml.client_sim.tensorflow_quiet import keras
+from fedcoreml.ios_bridge.datasets import load_dataset
 from fedcoreml.ios_bridge.default_model import build_default_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"

@@ -69,9 +69,9 @@ def direct(
     seed: int = 0, local_epochs: int = 1,
 ) -> tuple[float, float]:  # fmt: skip
     """(wall seconds, final test accuracy) of the same training without federation."""
-    from fedcoreml.client_sim.data import load_dataset
     from fedcoreml.client_sim.emulator import CoreMLEmulator
     from fedcoreml.client_sim.fleet import partition_dataset, tune_garbage_collection
+    from fedcoreml.ios_bridge.datasets import load_dataset
     from fedcoreml.ios_bridge.default_model import build_default_model
     from fedcoreml.ios_bridge.parameters import get_parameters
 
@@ -111,9 +111,9 @@ def centralised(
     seed: int = 0,
 ) -> float:  # fmt: skip
     """Test accuracy of one model trained on the union of the devices' training data."""
-    from fedcoreml.client_sim.data import load_dataset
     from fedcoreml.client_sim.emulator import CoreMLEmulator
     from fedcoreml.client_sim.fleet import partition_dataset
+    from fedcoreml.ios_bridge.datasets import load_dataset
     from fedcoreml.ios_bridge.default_model import build_default_model
 
     data = load_dataset(data_dir)

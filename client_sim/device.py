@@ -41,17 +41,17 @@ import grpc
 import numpy as np
 
 from fedcoreml.client_sim.emulator import CoreMLEmulator
-from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
-from fedcoreml.ios_bridge.errors import FedCoreMLError
-from fedcoreml.ios_bridge.gateway.auth import RETRY_AFTER_KEY, bearer_metadata
-from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes, spec_to_bytes
-from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
-from fedcoreml.ios_bridge.tensor_codec import (
+from fedcoreml.ios_bridge.channel import (
     DEFAULT_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
-    UpdateHeader,
-    encode_update,
+    RETRY_AFTER_KEY,
+    bearer_metadata,
 )
+from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
+from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes, spec_to_bytes
+from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
+from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
 
 __all__ = [

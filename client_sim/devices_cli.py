@@ -150,8 +150,8 @@ def _security(args: argparse.Namespace) -> dict[str, str]:
     """Check --ca-cert and read --token-file before any data is loaded; the tokens."""
     import sys
 
-    from fedcoreml.ios_bridge.gateway.tls import channel_credentials
-    from fedcoreml.ios_bridge.gateway.tokens import read_token_file
+    from fedcoreml.ios_bridge.channel import channel_credentials
+    from fedcoreml.ios_bridge.token_file import read_token_file
 
     if args.ca_cert is not None:
         channel_credentials(args.ca_cert)  # a missing or non-PEM file fails here, named
@@ -168,7 +168,6 @@ def _security(args: argparse.Namespace) -> dict[str, str]:
 def _devices(args: argparse.Namespace) -> int:
     import logging
 
-    from fedcoreml.client_sim.data import load_dataset
     from fedcoreml.client_sim.device import RetryPolicy
     from fedcoreml.client_sim.fleet import (
         FleetOptions,
@@ -177,6 +176,7 @@ def _devices(args: argparse.Namespace) -> int:
         run_fleet,
         tune_garbage_collection,
     )
+    from fedcoreml.ios_bridge.datasets import load_dataset
 
     _check(args)
     tokens = _security(args)

@@ -22,10 +22,8 @@ import zlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
-from fedcoreml.client_sim.data import Dataset
 from fedcoreml.client_sim.device import (
     DeviceData,
     DeviceError,
@@ -35,9 +33,9 @@ from fedcoreml.client_sim.device import (
     SimulatedDevice,
 )
 from fedcoreml.client_sim.partition import PartitionSpec, partition_indices
+from fedcoreml.ios_bridge.channel import CHANNEL_OPTIONS, open_channel
+from fedcoreml.ios_bridge.datasets import Dataset
 from fedcoreml.ios_bridge.errors import FedCoreMLError
-from fedcoreml.ios_bridge.gateway.tls import channel_credentials
-from fedcoreml.ios_bridge.tensor_codec import MAX_MESSAGE_BYTES
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -53,11 +51,6 @@ __all__ = [
 
 log = logging.getLogger("fedcoreml.device")
 
-#: The message limits a phone's gRPC stack has (grpc-swift's default), both ways.
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 _JOIN_POLL_SECONDS = 0.2
 
 
@@ -150,13 +143,6 @@ class FleetOptions:
 
     def device_id(self, index: int) -> str:
         return f"{self.device_id_prefix}-{index:03d}"
-
-
-def open_channel(address: str, ca_cert: str | os.PathLike[str] | None = None) -> grpc.Channel:
-    """A channel to ``address`` with the phone's message limits: TLS if ``ca_cert`` is given."""
-    if ca_cert is None:
-        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return grpc.secure_channel(address, channel_credentials(ca_cert), options=CHANNEL_OPTIONS)
 
 
 def _device_tokens(options: FleetOptions, count: int) -> list[str | None]:

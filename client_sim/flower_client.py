@@ -21,10 +21,10 @@ from typing import Any
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcoreml.client_sim.data import load_dataset
 from fedcoreml.client_sim.device import DeviceData, architecture_key, task_seed
 from fedcoreml.client_sim.emulator import CoreMLEmulator
 from fedcoreml.client_sim.fleet import device_seed, partition_dataset
+from fedcoreml.ios_bridge.datasets import load_dataset
 from fedcoreml.ios_bridge.flower_messages import (
     BATCH_SIZE_KEY,
     EPOCHS_KEY,

@@ -37,8 +37,8 @@ def _train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedcoreml.client_sim.data import limit, load_dataset
     from fedcoreml.client_sim.emulator import CoreMLEmulator
+    from fedcoreml.ios_bridge.datasets import limit, load_dataset
     from fedcoreml.ios_bridge.default_model import build_default_model
     from fedcoreml.ios_bridge.errors import TrainingConfigError
     from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedcoreml.ios_bridge.gateway.tls import generate_test_ca
+from fedcoreml.server.gateway.tls import generate_test_ca
 
 NAMESPACE = "fedcoreml"
 SERVICE = "fedcoreml-coordinator"

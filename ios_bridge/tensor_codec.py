@@ -13,13 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedcoreml.ios_bridge.channel import DEFAULT_CHUNK_BYTES
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 from fedcoreml.ios_bridge.parameters import ParameterInfo, check_parameters
 from fedcoreml.ios_bridge.wire import device_pb2
-
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc-swift's default receive limit
-# Payload per chunk: leaves room under the limit for the name, shape and framing.
-DEFAULT_CHUNK_BYTES = 1024 * 1024
 
 
 class MalformedUpdateError(FedCoreMLError):

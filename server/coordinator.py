@@ -13,16 +13,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedcoreml.client_sim.data import Dataset
-from fedcoreml.ios_bridge.gateway.auth import DEFAULT_BURST, DeviceAuthInterceptor, RateLimiter
-from fedcoreml.ios_bridge.gateway.service import DeviceService, HandoutSchedule, start_server
-from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
-from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard
-from fedcoreml.ios_bridge.gateway.tls import server_credentials
-from fedcoreml.ios_bridge.gateway.tokens import TokenStore
+from fedcoreml.ios_bridge.datasets import Dataset
 from fedcoreml.server.device_grid import DeviceGrid, RoundPolicy
 from fedcoreml.server.federated_run import FederatedRun
 from fedcoreml.server.flower_identity import set_task_identity
+from fedcoreml.server.gateway.auth import DEFAULT_BURST, DeviceAuthInterceptor, RateLimiter
+from fedcoreml.server.gateway.service import DeviceService, HandoutSchedule, start_server
+from fedcoreml.server.gateway.sessions import SessionRegistry
+from fedcoreml.server.gateway.task_board import RoundModel, TaskBoard
+from fedcoreml.server.gateway.tls import server_credentials
+from fedcoreml.server.gateway.tokens import TokenStore
 from fedcoreml.server.run_config import (
     CoordinatorConfig,
     CoordinatorConfigError,

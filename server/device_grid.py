@@ -38,8 +38,9 @@ from fedcoreml.ios_bridge.flower_messages import (
     arrays_to_parameters,
     parameters_to_arrays,
 )
-from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
-from fedcoreml.ios_bridge.gateway.task_board import (
+from fedcoreml.server.exchanges import ExchangeStats
+from fedcoreml.server.gateway.sessions import SessionRegistry
+from fedcoreml.server.gateway.task_board import (
     EvaluationResult,
     RoundModel,
     Task,
@@ -47,7 +48,6 @@ from fedcoreml.ios_bridge.gateway.task_board import (
     TaskConfig,
     UpdateResult,
 )
-from fedcoreml.server.exchanges import ExchangeStats
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.streaming_mean import StreamingWeightedMean
 

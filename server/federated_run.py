@@ -19,8 +19,8 @@ from dataclasses import asdict
 
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedcoreml.client_sim.data import Dataset, load_dataset
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
+from fedcoreml.ios_bridge.datasets import Dataset, load_dataset
 from fedcoreml.ios_bridge.default_model import build_default_model
 from fedcoreml.ios_bridge.flower_messages import (
     ARCHITECTURE_KEY,
@@ -30,7 +30,6 @@ from fedcoreml.ios_bridge.flower_messages import (
     arrays_to_parameters,
     parameters_to_arrays,
 )
-from fedcoreml.ios_bridge.gateway.task_board import RoundModel
 from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
 from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes, spec_to_bytes
 from fedcoreml.ios_bridge.network import parse_network
@@ -38,6 +37,7 @@ from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
 from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_params
 from fedcoreml.server.device_grid import DeviceGrid
 from fedcoreml.server.exchanges import ExchangeStats, RecordingGrid
+from fedcoreml.server.gateway.task_board import RoundModel
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.run_config import CoordinatorConfig, RoundRecord, check_config
 from fedcoreml.server.run_dir import RunDirectory

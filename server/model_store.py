@@ -16,9 +16,9 @@ import numpy as np
 
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
 from fedcoreml.ios_bridge.errors import ParameterError
-from fedcoreml.ios_bridge.gateway.task_board import RoundModel
 from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
 from fedcoreml.ios_bridge.parameters import ParameterInfo, parameter_infos, set_parameters
+from fedcoreml.server.gateway.task_board import RoundModel
 
 Parameters = list[tuple[str, np.ndarray]]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcoreml.ios_bridge.errors import FedCoreMLError
-from fedcoreml.ios_bridge.gateway.auth import DEFAULT_RATE_PER_S
+from fedcoreml.server.gateway.auth import DEFAULT_RATE_PER_S
 
 
 class CoordinatorConfigError(FedCoreMLError):

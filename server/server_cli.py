@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedcoreml.ios_bridge.gateway.auth import DEFAULT_RATE_PER_S
+from fedcoreml.server.gateway.auth import DEFAULT_RATE_PER_S
 from fedcoreml.server.strategies import STRATEGY_NAMES
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedcoreml.ios_bridge.gateway.task_board import UpdateResult
+from fedcoreml.server.gateway.task_board import UpdateResult
 
 Parameters = list[tuple[str, np.ndarray]]
 MAX_EXACT_WEIGHT = 2**24

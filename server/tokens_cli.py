@@ -108,7 +108,8 @@ def _device_ids(args: argparse.Namespace) -> list[str]:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from fedcoreml.ios_bridge.gateway.tokens import TokenStore, check_device_id, write_token_file
+    from fedcoreml.ios_bridge.token_file import write_token_file
+    from fedcoreml.server.gateway.tokens import TokenStore, check_device_id
 
     ids = _device_ids(args)
     for device_id in ids:
@@ -129,7 +130,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from fedcoreml.ios_bridge.gateway.tokens import TokenStore
+    from fedcoreml.server.gateway.tokens import TokenStore
 
     entries = TokenStore(args.run_dir).list()
     if not entries:
@@ -145,7 +146,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from fedcoreml.ios_bridge.gateway.tokens import TokenStore
+    from fedcoreml.server.gateway.tokens import TokenStore
 
     targets = list(args.device) + list(args.token)
     if not targets:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from fedcoreml.ios_bridge.gateway.auth import bearer_metadata
+from fedcoreml.ios_bridge.channel import bearer_metadata
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters
 from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update

@@ -18,35 +18,36 @@ import grpc
 import numpy as np
 import pytest
 
-from fedcoreml.ios_bridge.default_model import build_default_model
-from fedcoreml.ios_bridge.gateway.auth import (
+from fedcoreml.ios_bridge.channel import (
     RETRY_AFTER_KEY,
-    DeviceAuthInterceptor,
-    RateLimiter,
-    authenticated_device_id,
-    bearer_metadata,
-)
-from fedcoreml.ios_bridge.gateway.errors import GatewayError
-from fedcoreml.ios_bridge.gateway.service import DeviceService, start_server
-from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
-from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard, TaskConfig
-from fedcoreml.ios_bridge.gateway.tls import (
-    CertificatePaths,
     TLSConfigError,
+    bearer_metadata,
     channel_credentials,
-    generate_test_ca,
-    server_credentials,
 )
-from fedcoreml.ios_bridge.gateway.tokens import (
-    TokenError,
-    TokenStore,
-    read_token_file,
-    write_token_file,
-)
+from fedcoreml.ios_bridge.default_model import build_default_model
 from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
 from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
+from fedcoreml.ios_bridge.token_file import TokenFileError, read_token_file, write_token_file
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.server.gateway.auth import (
+    DeviceAuthInterceptor,
+    RateLimiter,
+    authenticated_device_id,
+)
+from fedcoreml.server.gateway.errors import GatewayError
+from fedcoreml.server.gateway.service import DeviceService, start_server
+from fedcoreml.server.gateway.sessions import SessionRegistry
+from fedcoreml.server.gateway.task_board import RoundModel, TaskBoard, TaskConfig
+from fedcoreml.server.gateway.tls import (
+    CertificatePaths,
+    generate_test_ca,
+    server_credentials,
+)
+from fedcoreml.server.gateway.tokens import (
+    TokenError,
+    TokenStore,
+)
 
 SPEC = build_default_model(seed=0)
 PARAMS = [(n, v + np.float32(0.01)) for n, v in get_parameters(SPEC)]  # trained
@@ -212,9 +213,9 @@ def test_token_files_round_trip_and_bad_ones_are_named(tmp_path):
     assert read_token_file(path) == {"sim-000": "fcm_a", "sim-001": "fcm_b"}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     path.write_text('["fcm_a"]')
-    with pytest.raises(TokenError, match=r"devices\.json"):
+    with pytest.raises(TokenFileError, match=r"devices\.json"):
         read_token_file(path)
-    with pytest.raises(TokenError, match="cannot read"):
+    with pytest.raises(TokenFileError, match="cannot read"):
         read_token_file(tmp_path / "missing.json")
 
 
@@ -418,7 +419,7 @@ def fast_retry():
 
 def run_device(gw: SecureGateway, token: str, device_id: str = "phone-a"):
     from fedcoreml.client_sim.device import SimulatedDevice
-    from fedcoreml.client_sim.fleet import open_channel
+    from fedcoreml.ios_bridge.channel import open_channel
 
     with open_channel(gw.address, gw.ca_cert) as channel:
         device = SimulatedDevice(channel, device_id, tiny_data(), retry=fast_retry(), token=token)

@@ -63,7 +63,7 @@ def test_train_writes_a_model_that_scores_as_reported(tmp_path):
     assert reported > 0.5
 
     # Re-judge the written file independently.
-    from fedcoreml.client_sim.data import load_bundled_sample
+    from fedcoreml.ios_bridge.datasets import load_bundled_sample
     from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
     from fedcoreml.ios_bridge.mlmodel_io import load_spec
 

@@ -1,4 +1,4 @@
-"""Tests for fedcoreml.client_sim.data: IDX / npz loaders, the download, the bundled sample."""
+"""Tests for fedcoreml.ios_bridge.datasets: IDX / npz loaders, the download, the bundled sample."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcoreml.client_sim import data
-from fedcoreml.client_sim.data import DataError, Dataset
+from fedcoreml.ios_bridge import datasets as data
+from fedcoreml.ios_bridge.datasets import DataError, Dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"

@@ -49,7 +49,7 @@ def test_server_and_devices_processes(tmp_path):
     assert all(m["devices_reported"] == 2 and m["evaluated_devices"] == 2 for m in metrics[1:])
     assert metrics[2]["test_accuracy"] > metrics[0]["test_accuracy"]
     # the recorded accuracy is what the final file scores under the reference interpreter
-    from fedcoreml.client_sim.data import load_bundled_sample
+    from fedcoreml.ios_bridge.datasets import load_bundled_sample
 
     data = load_bundled_sample()
     _, accuracy = ReferenceInterpreter(load_spec(run_dir / "final.mlmodel")).evaluate(

@@ -334,7 +334,7 @@ def test_ignore_files_leave_what_pip_install_needs(tmp_path: Path) -> None:
         assert modules, folder
         for module in modules:
             assert f"{package.replace('.', '/')}/{module.as_posix()}" in names
-    assert "fedcoreml/client_sim/data/mnist_sample.npz" in names
+    assert "fedcoreml/ios_bridge/data/mnist_sample.npz" in names
 
 
 # -- Compose --------------------------------------------------------------------------------
@@ -729,7 +729,8 @@ def test_generated_certificates_serve_grpc_tls_for_the_service_names(
 
     import grpc
 
-    from fedcoreml.ios_bridge.gateway.tls import channel_credentials, server_credentials
+    from fedcoreml.ios_bridge.channel import channel_credentials
+    from fedcoreml.server.gateway.tls import server_credentials
 
     out = tmp_path / "certs"
     assert _make_certs_in_process(capsys, "--out", str(out)) == (0, "")

@@ -21,7 +21,6 @@ import model_zoo
 import numpy as np
 import pytest
 
-from fedcoreml.client_sim.data import Dataset, load_bundled_sample
 from fedcoreml.client_sim.device import (
     DeviceData,
     DeviceError,
@@ -40,6 +39,7 @@ from fedcoreml.client_sim.fleet import (
     run_fleet,
     split_holdout,
 )
+from fedcoreml.ios_bridge.datasets import Dataset, load_bundled_sample
 from fedcoreml.ios_bridge.default_model import build_default_model
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes, spec_to_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos

@@ -9,7 +9,6 @@ import model_zoo
 import numpy as np
 import pytest
 
-from fedcoreml.client_sim.data import load_bundled_sample
 from fedcoreml.client_sim.emulator import CoreMLEmulator
 from fedcoreml.ios_bridge.coremltools_quiet import (
     AdamParams,
@@ -18,6 +17,7 @@ from fedcoreml.ios_bridge.coremltools_quiet import (
     SgdParams,
     datatypes,
 )
+from fedcoreml.ios_bridge.datasets import load_bundled_sample
 from fedcoreml.ios_bridge.default_model import build_default_model
 from fedcoreml.ios_bridge.errors import TrainingConfigError, UnsupportedModelError
 from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from fedcoreml.ios_bridge.default_model import build_default_model
-from fedcoreml.ios_bridge.gateway.service import DeviceService, start_server
-from fedcoreml.ios_bridge.gateway.sessions import SessionRegistry
-from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard, TaskConfig
 from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
 from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.server.gateway.service import DeviceService, start_server
+from fedcoreml.server.gateway.sessions import SessionRegistry
+from fedcoreml.server.gateway.task_board import RoundModel, TaskBoard, TaskConfig
 
 SPEC = build_default_model(seed=0)
 SHIPPED = get_parameters(SPEC)
@@ -294,7 +294,7 @@ def test_bulk_transfers_never_queue_ahead_of_small_calls():
 
 
 def test_the_hand_out_schedule_gives_each_task_a_slot_of_its_own():
-    from fedcoreml.ios_bridge.gateway.service import HandoutSchedule
+    from fedcoreml.server.gateway.service import HandoutSchedule
 
     clock = [100.0]
     schedule = HandoutSchedule(rate_per_s=10, clock=lambda: clock[0])
@@ -313,7 +313,7 @@ def board_task(node: int):
 
 
 def test_tasks_are_handed_out_at_the_set_rate_each_device_at_its_own_slot():
-    from fedcoreml.ios_bridge.gateway.service import HandoutSchedule
+    from fedcoreml.server.gateway.service import HandoutSchedule
 
     registry, board = SessionRegistry(idle_ttl_s=30), TaskBoard()
     service = DeviceService(registry, board, parameter_infos(SPEC), 50, long_poll_ms=0,

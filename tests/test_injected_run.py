@@ -15,8 +15,8 @@ import pytest
 from hostile_requests import EXPECTED, DeviceAttacks, Outcomes, OutsiderAttacks, Peers
 from protocol_devices import ScriptedDevice, run_to_the_end, start_devices
 
-from fedcoreml.ios_bridge.gateway.tokens import TokenStore
 from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
+from fedcoreml.server.gateway.tokens import TokenStore
 
 DEVICES = [("phone-a", 120, 0.01), ("phone-b", 310, -0.02), ("phone-c", 575, 0.03),
            ("phone-d", 64, 0.002)]  # fmt: skip

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from fedcoreml.ios_bridge.gateway.tls import generate_test_ca
+from fedcoreml.server.gateway.tls import generate_test_ca
 
 CLI = [sys.executable, "-m", "fedcoreml.server.cli"]
 

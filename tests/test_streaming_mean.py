@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from fedcoreml.ios_bridge.gateway.task_board import RoundModel, TaskBoard, TaskConfig, UpdateResult
+from fedcoreml.server.gateway.task_board import RoundModel, TaskBoard, TaskConfig, UpdateResult
 from fedcoreml.server.streaming_mean import StreamingWeightedMean
 
 

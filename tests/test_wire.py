@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
+from fedcoreml.ios_bridge.channel import MAX_MESSAGE_BYTES
 from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
 from fedcoreml.ios_bridge.tensor_codec import (
-    MAX_MESSAGE_BYTES,
     MalformedUpdateError,
     UpdateHeader,
     decode_update,

@@ -6,7 +6,7 @@ with int64 labels ``[N]``.
 
 Sources :func:`load_dataset` understands:
 
-* ``None`` or ``"sample"``: the bundled sample, ``client_sim/data/mnist_sample.npz`` (2,000
+* ``None`` or ``"sample"``: the bundled sample, ``ios_bridge/data/mnist_sample.npz`` (2,000
   class-balanced training and 1,000 test images of real MNIST; see ``data/README.md``);
 * a directory holding the four standard IDX files, gzipped or not
   (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
@@ -19,7 +19,7 @@ Anything missing or malformed raises :class:`DataError` naming the file and what
 
 The bundled sample is rebuilt with::
 
-    python -m fedcoreml.client_sim.data make-sample --from DIR --out PATH
+    python -m fedcoreml.ios_bridge.datasets make-sample --from DIR --out PATH
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ _IDX_EXPECTED = (
     f"or 0x{_IDX_LABELS_MAGIC:08X} (uint8 labels)"
 )
 _GZIP_MAGIC = b"\x1f\x8b"
-_SAMPLE_PACKAGE = "fedcoreml.client_sim"
+_SAMPLE_PACKAGE = "fedcoreml.ios_bridge"
 _SAMPLE_RESOURCE = "data/mnist_sample.npz"
 _DOWNLOAD_CHUNK = 1 << 20
 
@@ -345,7 +345,7 @@ def load_idx_dir(directory: str | os.PathLike[str]) -> Dataset:
 
 
 def load_bundled_sample() -> Dataset:
-    """The bundled 2,000 + 1,000 image MNIST sample (``client_sim/data/mnist_sample.npz``)."""
+    """The bundled 2,000 + 1,000 image MNIST sample (``ios_bridge/data/mnist_sample.npz``)."""
     resource = resources.files(_SAMPLE_PACKAGE).joinpath(_SAMPLE_RESOURCE)
     where = f"{_SAMPLE_PACKAGE}/{_SAMPLE_RESOURCE}"
     try:
@@ -354,7 +354,7 @@ def load_bundled_sample() -> Dataset:
     except FileNotFoundError:
         raise DataError(
             f"{where}: bundled sample not found; rebuild it with "
-            "`python -m fedcoreml.client_sim.data make-sample --from DIR --out PATH`"
+            "`python -m fedcoreml.ios_bridge.datasets make-sample --from DIR --out PATH`"
         ) from None
     return _to_dataset(arrays, name="sample", where=where)
 
@@ -544,9 +544,9 @@ def make_bundled_sample(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m fedcoreml.client_sim.data make-sample --from DIR --out PATH``."""
+    """Command line: ``python -m fedcoreml.ios_bridge.datasets make-sample --from DIR ...``."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedcoreml.client_sim.data", description=__doc__.splitlines()[0]
+        prog="python -m fedcoreml.ios_bridge.datasets", description=__doc__.splitlines()[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-sample", help="build the bundled MNIST sample")

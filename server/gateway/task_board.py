@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from fedcoreml.ios_bridge.gateway.errors import (
+from fedcoreml.server.gateway.errors import (
     FailedPreconditionError,
     NotFoundError,
     PermissionDeniedError,

@@ -19,29 +19,25 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from fedcoreml.ios_bridge.gateway.auth import authenticated_device_id
-from fedcoreml.ios_bridge.gateway.errors import (
+from fedcoreml.ios_bridge.channel import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
+from fedcoreml.ios_bridge.parameters import ParameterInfo, get_parameters
+from fedcoreml.ios_bridge.tensor_codec import MalformedUpdateError, decode_update
+from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.server.gateway.auth import authenticated_device_id
+from fedcoreml.server.gateway.errors import (
     GatewayError,
     OutOfRangeError,
     PermissionDeniedError,
 )
-from fedcoreml.ios_bridge.gateway.sessions import Session, SessionRegistry
-from fedcoreml.ios_bridge.gateway.task_board import (
+from fedcoreml.server.gateway.sessions import Session, SessionRegistry
+from fedcoreml.server.gateway.task_board import (
     EvaluationResult,
     RoundModel,
     Task,
     TaskBoard,
     UpdateResult,
 )
-from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
-from fedcoreml.ios_bridge.parameters import ParameterInfo, get_parameters
-from fedcoreml.ios_bridge.tensor_codec import (
-    DEFAULT_CHUNK_BYTES,
-    MAX_MESSAGE_BYTES,
-    MalformedUpdateError,
-    decode_update,
-)
-from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
 
 log = logging.getLogger("fedcoreml.gateway")
 

@@ -3,7 +3,7 @@
 :class:`DeviceAuthInterceptor` guards every ``DeviceService`` RPC (other services pass through):
 
 1. it reads the ``authorization: Bearer <token>`` call metadata and verifies the token with a
-   :class:`~fedcoreml.ios_bridge.gateway.tokens.TokenStore`; a missing, unknown or revoked
+   :class:`~fedcoreml.server.gateway.tokens.TokenStore`; a missing, unknown or revoked
    token ends the call with ``UNAUTHENTICATED``;
 2. it charges the call to that device's token bucket (:class:`RateLimiter`); an empty bucket
    ends the call with ``RESOURCE_EXHAUSTED`` and the trailing metadata ``retry-after-ms``;
@@ -31,24 +31,21 @@ from typing import Any
 
 import grpc
 
-from fedcoreml.ios_bridge.gateway.errors import GatewayError
-from fedcoreml.ios_bridge.gateway.tokens import TokenStore
+from fedcoreml.ios_bridge.channel import AUTHORIZATION_KEY, RETRY_AFTER_KEY
 from fedcoreml.ios_bridge.wire import device_pb2
+from fedcoreml.server.gateway.errors import GatewayError
+from fedcoreml.server.gateway.tokens import TokenStore
 
 __all__ = [
     "DEFAULT_BURST",
     "DEFAULT_RATE_PER_S",
-    "RETRY_AFTER_KEY",
     "DeviceAuthInterceptor",
     "RateLimiter",
     "authenticated_device_id",
-    "bearer_metadata",
 ]
 
 log = logging.getLogger("fedcoreml.gateway")
 
-#: Trailing metadata key of a ``RESOURCE_EXHAUSTED`` answer: milliseconds to wait before retrying.
-RETRY_AFTER_KEY = "retry-after-ms"
 #: A device polls about once a second and downloads or submits a few messages per round.
 DEFAULT_RATE_PER_S = 5.0
 DEFAULT_BURST = 20
@@ -62,11 +59,6 @@ _device_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 def authenticated_device_id() -> str | None:
     """The device id the current RPC authenticated as; None when authentication is off."""
     return _device_id.get()
-
-
-def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata that authenticates as the holder of ``token``."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 class RateLimiter:
@@ -160,7 +152,7 @@ class DeviceAuthInterceptor(grpc.ServerInterceptor):
 def _bearer_token(metadata: Sequence[Any]) -> str | None:
     """The token of an ``authorization: Bearer <token>`` entry, or None."""
     for key, value in metadata:
-        if key.lower() != "authorization" or not isinstance(value, str):
+        if key.lower() != AUTHORIZATION_KEY or not isinstance(value, str):
             continue
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():

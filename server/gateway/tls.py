@@ -1,8 +1,8 @@
-"""TLS for the device gateway: server and channel credentials from PEM files, and a test CA.
+"""TLS for the device gateway: server credentials from PEM files, and a throwaway test CA.
 
-``server_credentials(cert, key)`` is what ``start_server(..., credentials=...)`` takes;
-``channel_credentials(ca_cert)`` is what a device (``grpc.secure_channel``) trusts. Both refuse
-a missing, unreadable or non-PEM file with a :class:`TLSConfigError` that names it.
+``server_credentials(cert, key)`` is what ``start_server(..., credentials=...)`` takes (what a
+device trusts is :func:`fedcoreml.ios_bridge.channel.channel_credentials`). A missing,
+unreadable or non-PEM file is refused with a :class:`TLSConfigError` that names it.
 
 :func:`generate_test_ca` writes a throwaway certificate authority and a server certificate
 signed by it (for ``localhost`` and ``127.0.0.1`` by default), for tests and local deployments;
@@ -25,12 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcoreml.ios_bridge.atomic_file import write_bytes_atomic
-from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.ios_bridge.channel import TLSConfigError, read_pem
 
 __all__ = [
     "CertificatePaths",
     "TLSConfigError",
-    "channel_credentials",
     "generate_test_ca",
     "server_credentials",
 ]
@@ -38,10 +37,6 @@ __all__ = [
 _CERT_MARKER = b"-----BEGIN CERTIFICATE-----"
 _KEY_MARKER = b"PRIVATE KEY-----"
 _ENCRYPTED_KEY_MARKER = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
-
-
-class TLSConfigError(FedCoreMLError):
-    """A certificate or key file that cannot be used (names the file and the reason)."""
 
 
 @dataclass(frozen=True)
@@ -52,21 +47,6 @@ class CertificatePaths:
     ca_key: Path
     server_cert: Path
     server_key: Path
-
-
-def _read_pem(path: str | os.PathLike[str], what: str, marker: bytes) -> bytes:
-    file = Path(path)
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise TLSConfigError(f"{what} {file}: no such file") from None
-    except OSError as exc:
-        raise TLSConfigError(f"{what} {file}: cannot read it ({exc.strerror or exc})") from None
-    if marker not in data:
-        raise TLSConfigError(
-            f"{what} {file}: not PEM (expected a '{marker.decode().strip('-')}' block)"
-        )
-    return data
 
 
 def _check_key_matches(cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path) -> None:
@@ -94,19 +74,12 @@ def server_credentials(
     cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]
 ) -> grpc.ServerCredentials:
     """TLS credentials for the gateway: its certificate chain and private key (PEM files)."""
-    cert = _read_pem(cert_path, "TLS certificate", _CERT_MARKER)
-    key = _read_pem(key_path, "TLS private key", _KEY_MARKER)
+    cert = read_pem(cert_path, "TLS certificate", _CERT_MARKER)
+    key = read_pem(key_path, "TLS private key", _KEY_MARKER)
     if _ENCRYPTED_KEY_MARKER in key:
         raise TLSConfigError(f"TLS private key {key_path}: encrypted keys are not supported")
     _check_key_matches(cert, key, Path(cert_path), Path(key_path))
     return grpc.ssl_server_credentials([(key, cert)])
-
-
-def channel_credentials(ca_cert_path: str | os.PathLike[str]) -> grpc.ChannelCredentials:
-    """TLS credentials for a device's channel, trusting the CA certificate(s) in the file."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(ca_cert_path, "CA certificate", _CERT_MARKER)
-    )
 
 
 # -- a throwaway CA -----------------------------------------------------------------------------

@@ -11,13 +11,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from fedcoreml.ios_bridge.gateway.errors import (
+from fedcoreml.ios_bridge.channel import DEVICE_ID_RULE, valid_device_id
+from fedcoreml.server.gateway.errors import (
     GatewayError,
     NotFoundError,
     PermissionDeniedError,
 )
-
-MAX_DEVICE_ID_LENGTH = 128
 
 
 @dataclass
@@ -30,11 +29,6 @@ class Session:
     app_version: str
     last_seen: float
     held_until: float = 0.0  # a device holding a task stays live until this (monotonic) time
-
-
-def valid_device_id(device_id: str) -> bool:
-    """1 to MAX_DEVICE_ID_LENGTH printable characters."""
-    return 0 < len(device_id) <= MAX_DEVICE_ID_LENGTH and device_id.isprintable()
 
 
 class SessionRegistry:
@@ -53,10 +47,7 @@ class SessionRegistry:
     ) -> Session:
         """A new session for ``device_id``; one it had before is replaced (keeping its node)."""
         if not valid_device_id(device_id):
-            raise GatewayError(
-                f"device_id must be 1-{MAX_DEVICE_ID_LENGTH} printable characters, "
-                f"got {device_id!r:.40}"
-            )
+            raise GatewayError(f"device_id must be {DEVICE_ID_RULE}, got {device_id!r:.40}")
         with self._lock:
             previous = self._by_device.get(device_id)
             if previous is not None:

@@ -10,8 +10,7 @@ Tokens carry 256 random bits, so a plain SHA-256 (no slow key derivation) is eno
 ``tokens.json`` reveals no usable secret. Lookups go by hash, and the final comparison uses
 :func:`hmac.compare_digest`.
 
-Devices read their tokens from a *token file*: a JSON object mapping each device id to its
-token, ``{"sim-000": "fcm_...", "sim-001": "fcm_..."}`` (see :func:`read_token_file`).
+Devices read their tokens from a *token file* (:mod:`fedcoreml.ios_bridge.token_file`).
 """
 
 from __future__ import annotations
@@ -25,16 +24,16 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedcoreml.ios_bridge.atomic_file import write_text_atomic
+from fedcoreml.ios_bridge.channel import DEVICE_ID_RULE, valid_device_id
 from fedcoreml.ios_bridge.errors import FedCoreMLError
-from fedcoreml.ios_bridge.gateway.errors import GatewayError
-from fedcoreml.ios_bridge.gateway.sessions import MAX_DEVICE_ID_LENGTH, valid_device_id
+from fedcoreml.server.gateway.errors import GatewayError
 
 __all__ = [
     "TOKENS_FILE",
@@ -44,8 +43,6 @@ __all__ = [
     "TokenStore",
     "check_device_id",
     "hash_token",
-    "read_token_file",
-    "write_token_file",
 ]
 
 log = logging.getLogger("fedcoreml.gateway")
@@ -89,10 +86,7 @@ def _now() -> str:
 def check_device_id(device_id: str) -> None:
     """Refuse a device id the gateway would refuse at ``Register``."""
     if not valid_device_id(device_id):
-        raise TokenError(
-            f"device id must be 1-{MAX_DEVICE_ID_LENGTH} printable characters, "
-            f"got {device_id!r:.40}"
-        )
+        raise TokenError(f"device id must be {DEVICE_ID_RULE}, got {device_id!r:.40}")
 
 
 class TokenStore:
@@ -247,34 +241,3 @@ def _dump(entries: list[TokenInfo]) -> str:
         "tokens": [asdict(entry) for entry in entries],
     }
     return json.dumps(document, indent=2) + "\n"
-
-
-# -- token files (the device side) ------------------------------------------------------------
-
-
-def read_token_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """A device token file: a JSON object mapping each device id to its token."""
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TokenError(f"{path}: cannot read the token file ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise TokenError(f'{path}: not JSON ({exc}); expected {{"DEVICE_ID": "TOKEN"}}') from None
-    if not isinstance(document, dict) or not all(
-        isinstance(device, str) and isinstance(token, str) and token
-        for device, token in document.items()
-    ):
-        raise TokenError(
-            f'{path}: expected a JSON object of device ids to tokens, {{"DEVICE_ID": "TOKEN"}}'
-        )
-    return dict(document)
-
-
-def write_token_file(path: str | os.PathLike[str], tokens: Mapping[str, str]) -> Path:
-    """Write (or add to) a token file, readable by its owner only; returns its path."""
-    target = Path(path)
-    merged = read_token_file(target) if target.exists() else {}
-    merged.update(tokens)
-    write_text_atomic(target, json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.chmod(target, 0o600)
-    return target
