@@ -1,8 +1,9 @@
 """Benchmark: 1,000 protocol-level devices against one coordinator on 127.0.0.1.
 
-The coordinator is the real ``fedcoreml server`` in its own process. The devices, all in this
-process on one asyncio loop with a gRPC channel each, do what the iOS app does — register, poll
-GetTask as told, download the round's .mlmodel, submit an update — but do not train: their
+The coordinator is the real ``fedcoreml server`` in its own process. The devices are the
+reference :class:`~fedcoreml.ios_bridge.device_client.DeviceClient`, one thread and one gRPC
+channel each, in a few load processes: they do what the iOS app does — register, poll GetTask as
+told, download and verify the round's .mlmodel, submit an update — but do not train: their
 updates are random tensors of the model's real shapes (585,958 parameters, 2.3 MB each).
 
 Reported per configuration: rounds completed, errors, p50/p99/max latency of GetTask,
@@ -20,7 +21,6 @@ need), at a quarter and at the full fleet.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -34,24 +34,43 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
+from fedcoreml.ios_bridge.channel import open_channel
 from fedcoreml.ios_bridge.default_model import build_default_model
+from fedcoreml.ios_bridge.device_client import (
+    DeviceClient,
+    EvaluationResult,
+    RefusedError,
+    RetryPolicy,
+    TrainResult,
+)
 from fedcoreml.ios_bridge.parameters import parameter_infos
-from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
-from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.ios_bridge.wire import device_pb2
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+# Load devices wait out a busy coordinator rather than give up.
+PATIENT = RetryPolicy(initial_backoff=0.5, max_backoff=10.0, give_up_after=900.0, rpc_timeout=600.0)
 
 
 @dataclass
 class Calls:
+    """Latencies and errors of one process's devices (thread-safe)."""
+
     latencies: dict[str, list[float]] = field(default_factory=lambda: {
-        "GetTask": [], "DownloadModel": [], "SubmitUpdate": [], "loop lag": []})  # fmt: skip
+        "GetTask": [], "DownloadModel": [], "SubmitUpdate": [], "scheduling lag": []})  # fmt: skip
     errors: Counter = field(default_factory=Counter)
     updates: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def observe(self, rpc: str, seconds: float, refusal: RefusedError | None) -> None:
+        with self.lock:
+            if refusal is not None:
+                self.errors[f"{rpc} {refusal.code.name}: {refusal.message[:60]}"] += 1
+            elif rpc in self.latencies:
+                self.latencies[rpc].append(seconds)
+                self.updates += rpc == "SubmitUpdate"
 
 
 class ProcessWatch:
@@ -85,157 +104,91 @@ class ProcessWatch:
         self._thread.join(timeout=5)
 
 
-def random_updates(pool: int) -> list[list[device_pb2.UpdateChunk]]:
-    """Tensor chunks of ``pool`` random updates of the reference model (headers added later)."""
+class RandomTrainer:
+    """A device that does not train: random tensors of the model's real shapes, drawn from a
+    small pool made once per process (585,958 parameters, 2.3 MB each)."""
+
+    def __init__(self, pool: list[list[tuple[str, np.ndarray]]], seed: int) -> None:
+        self.pool = pool
+        self.rng = random.Random(seed)
+
+    def train(self, model: bytes, task: device_pb2.TrainTask) -> TrainResult:
+        parameters = self.pool[self.rng.randrange(len(self.pool))]
+        return TrainResult(parameters, self.rng.randint(20, 600), 0.5, 0.5, 1.0)
+
+    def evaluate(self, model: bytes, task: device_pb2.EvaluateTask) -> EvaluationResult:
+        return EvaluationResult(100, 0.5, 0.5)
+
+
+def random_updates(pool: int) -> list[list[tuple[str, np.ndarray]]]:
     infos = parameter_infos(build_default_model(seed=0))
     rng = np.random.default_rng(0)
-    updates = []
-    for _ in range(pool):
-        params = [(i.name, rng.standard_normal(i.shape).astype(np.float32) * 0.05) for i in infos]
-        updates.append(list(encode_update(UpdateHeader("", "", 1, 0, 0, 0), params))[1:])
-    return updates
+    return [
+        [(i.name, rng.standard_normal(i.shape).astype(np.float32) * 0.05) for i in infos]
+        for _ in range(pool)
+    ]
 
 
-async def device(
-    address: str, index: int, updates: list, calls: Calls, started: asyncio.Event
-) -> None:
-    rng = random.Random(index)
-    num_tensors = len(parameter_names(updates[0]))
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = device_pb2_grpc.DeviceServiceStub(channel)
-        session = (await stub.Register(device_pb2.RegisterRequest(
-            device_id=f"load-{index:05d}", platform="load"))).session_id  # fmt: skip
-        started.set()
-        while True:
-            begin = time.perf_counter()
-            try:
-                reply = await stub.GetTask(device_pb2.GetTaskRequest(session_id=session))
-            except grpc.aio.AioRpcError as exc:
-                calls.errors[f"GetTask {exc.code().name}"] += 1
-                await asyncio.sleep(1)
-                continue
-            calls.latencies["GetTask"].append(time.perf_counter() - begin)
-            kind = reply.WhichOneof("task")
-            if kind == "finished":
-                return
-            if kind == "wait":
-                await asyncio.sleep(reply.wait.retry_after_ms / 1000 * rng.uniform(0.9, 1.1))
-                continue
-            if kind != "train":
-                calls.errors[f"unexpected {kind} task"] += 1
-                continue
-            task = reply.train
-            try:
-                begin = time.perf_counter()
-                size = 0
-                async for chunk in stub.DownloadModel(
-                    device_pb2.DownloadModelRequest(session_id=session, task_id=task.task_id)
-                ):
-                    size += len(chunk.data)
-                calls.latencies["DownloadModel"].append(time.perf_counter() - begin)
-                if size != task.model.size_bytes:
-                    calls.errors["short download"] += 1
-                header = device_pb2.UpdateChunk(header=device_pb2.UpdateHeader(
-                    session_id=session, task_id=task.task_id, num_examples=rng.randint(20, 600),
-                    loss=0.5, accuracy=0.5, train_seconds=1.0,
-                    num_tensors=num_tensors))  # fmt: skip
-                begin = time.perf_counter()
-                await stub.SubmitUpdate(iter([header, *updates[index % len(updates)]]))
-                calls.latencies["SubmitUpdate"].append(time.perf_counter() - begin)
-                calls.updates += 1
-            except grpc.aio.AioRpcError as exc:
-                calls.errors[f"{exc.code().name}: {exc.details()[:60]}"] += 1
+def run_devices(address: str, prefix: str, first: int, count: int, pool: int, calls: Calls) -> None:
+    """``count`` DeviceClients on threads of this process, each on its own channel, to the end."""
+    updates = random_updates(pool)
+
+    def one(index: int) -> None:
+        try:
+            with open_channel(address) as channel:
+                client = DeviceClient(
+                    channel, f"{prefix}-{index:05d}", RandomTrainer(updates, index),
+                    platform="load", retry=PATIENT, seed=index, on_call=calls.observe,
+                )  # fmt: skip
+                client.run()
+        except Exception as exc:  # counted, and the other devices go on
+            with calls.lock:
+                calls.errors[f"device crashed: {type(exc).__name__}: {exc}"[:90]] += 1
+
+    stop = threading.Event()
+    lag = threading.Thread(target=scheduling_lag, args=(calls, stop), daemon=True)
+    lag.start()
+    threads = [threading.Thread(target=one, args=(i,), daemon=True)
+               for i in range(first, first + count)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    lag.join()
+
+
+def scheduling_lag(calls: Calls, stop: threading.Event) -> None:
+    """How late a thread of this process wakes up: client-side delay inside every latency."""
+    while not stop.is_set():
+        begin = time.perf_counter()
+        time.sleep(0.01)
+        with calls.lock:
+            calls.latencies["scheduling lag"].append(time.perf_counter() - begin - 0.01)
 
 
 PROBE_DEVICES = 20
 
 
 def probe(address: str, out: Path) -> None:
-    """A few devices in a process of their own, on threads with blocking stubs: the latency a
-    phone sees, without the fleet's event loop in the way (its delay is the "loop lag")."""
-    updates = random_updates(pool=1)
-    latencies: dict[str, list[float]] = {"GetTask": [], "SubmitUpdate": []}
-    threads = [
-        threading.Thread(target=probe_device, args=(address, i, updates[0], latencies))
-        for i in range(PROBE_DEVICES)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    out.write_text(json.dumps(latencies))
-
-
-def probe_device(address: str, index: int, update: list, latencies: dict) -> None:
-    names = parameter_names(update)
-    with grpc.insecure_channel(address) as channel:
-        stub = device_pb2_grpc.DeviceServiceStub(channel)
-        session = stub.Register(
-            device_pb2.RegisterRequest(device_id=f"probe-{index:03d}")
-        ).session_id
-        while True:
-            begin = time.perf_counter()
-            reply = stub.GetTask(device_pb2.GetTaskRequest(session_id=session))
-            latencies["GetTask"].append(time.perf_counter() - begin)
-            kind = reply.WhichOneof("task")
-            if kind == "finished":
-                break
-            if kind == "wait":
-                time.sleep(reply.wait.retry_after_ms / 1000)
-                continue
-            task = reply.train
-            for _ in stub.DownloadModel(
-                device_pb2.DownloadModelRequest(session_id=session, task_id=task.task_id)
-            ):
-                pass
-            header = device_pb2.UpdateChunk(header=device_pb2.UpdateHeader(
-                session_id=session, task_id=task.task_id, num_examples=100, loss=0.5,
-                accuracy=0.5, train_seconds=1.0, num_tensors=len(names)))  # fmt: skip
-            begin = time.perf_counter()
-            stub.SubmitUpdate(iter([header, *update]))
-            latencies["SubmitUpdate"].append(time.perf_counter() - begin)
+    """A few devices in a process of their own: the latency a phone sees, without the fleet's
+    thousand threads in the way (their delay is the fleet's "scheduling lag")."""
+    calls = Calls()
+    run_devices(address, "probe", 0, PROBE_DEVICES, 1, calls)
+    out.write_text(json.dumps({k: calls.latencies[k] for k in ("GetTask", "SubmitUpdate")}))
 
 
 def fleet_process(address: str, first: int, count: int, out: Path) -> None:
-    """One share of the fleet, on this process's event loop; results go to ``out``.
+    """One share of the fleet, as threads of this process; results go to ``out``.
 
     Niced: on a small machine the load generator shares the coordinator's cores, and the
     coordinator, the system under test, should not wait for the generator's CPU.
     """
     os.nice(10)
     calls = Calls()
-    asyncio.run(fleet(address, first, count, random_updates(pool=8), calls))
+    run_devices(address, "load", first, count, 8, calls)
     out.write_text(json.dumps({"latencies": calls.latencies, "errors": dict(calls.errors),
                                "updates": calls.updates}))  # fmt: skip
-
-
-def parameter_names(chunks: list[device_pb2.UpdateChunk]) -> list[str]:
-    return list(dict.fromkeys(c.tensor.name for c in chunks))
-
-
-async def loop_lag(calls: Calls, stop: asyncio.Event) -> None:
-    """How late this process's event loop wakes up: client-side delay inside every latency."""
-    while not stop.is_set():
-        begin = time.perf_counter()
-        await asyncio.sleep(0.01)
-        calls.latencies["loop lag"].append(time.perf_counter() - begin - 0.01)
-
-
-async def fleet(address: str, first: int, count: int, updates: list, calls: Calls) -> None:
-    stop = asyncio.Event()
-    lag = asyncio.create_task(loop_lag(calls, stop))
-    tasks = []
-    for index in range(first, first + count):
-        started = asyncio.Event()
-        tasks.append(asyncio.create_task(device(address, index, updates, calls, started)))
-        if index % 50 == 0:
-            await asyncio.sleep(0)  # let registrations through as the fleet grows
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    stop.set()
-    await lag
-    for result in results:
-        if isinstance(result, BaseException):
-            calls.errors[f"device crashed: {type(result).__name__}: {result}"[:90]] += 1
 
 
 def run(
@@ -341,7 +294,7 @@ def report(result: dict) -> None:
     )
     rows = [(f"{name} (fleet)", lat[name]) for name in ("GetTask", "DownloadModel",
             "SubmitUpdate")]  # fmt: skip
-    rows += [("fleet loop lag", lat["loop lag"])]
+    rows += [("fleet scheduling lag", lat["scheduling lag"])]
     rows += [(f"{name} (probe)", item) for name, item in result["probe_ms"].items()]
     for name, item in rows:
         print(f"  {name:<22} n={item['n']:>6,}  p50 {item['p50']:8.1f} ms  "

@@ -26,7 +26,6 @@ import numpy as np
 
 from fedcoreml.client_sim.device import (
     DeviceData,
-    DeviceError,
     DeviceStats,
     Poison,
     RetryPolicy,
@@ -35,6 +34,7 @@ from fedcoreml.client_sim.device import (
 from fedcoreml.client_sim.partition import PartitionSpec, partition_indices
 from fedcoreml.ios_bridge.channel import CHANNEL_OPTIONS, open_channel
 from fedcoreml.ios_bridge.datasets import Dataset
+from fedcoreml.ios_bridge.device_client import DeviceClientError
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 
 __all__ = [
@@ -250,7 +250,7 @@ def _round_dropper(options: FleetOptions, count: int, index: int):
 def _run_device(device: SimulatedDevice) -> None:
     try:
         device.run()
-    except DeviceError:
+    except DeviceClientError:
         pass  # logged and recorded in device.stats.error by the device itself
     except Exception as exc:  # a bug: record it, and let the other devices go on
         log.exception("%s: crashed", device.device_id)

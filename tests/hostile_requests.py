@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from fedcoreml.ios_bridge.channel import bearer_metadata
+from fedcoreml.ios_bridge.device_client import DeviceClient, EvaluationResult, RefusedError
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters
 from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
@@ -30,7 +31,7 @@ Chunks = list[device_pb2.UpdateChunk]
 EXPECTED: dict[str, tuple[str, str]] = {
     "header not first": ("INVALID_ARGUMENT", "the first message must be the update header"),
     "second header": ("INVALID_ARGUMENT", "a second header"),
-    "empty stream": ("INVALID_ARGUMENT", "the first message must be the update header"),
+    "empty stream": ("INVALID_ARGUMENT", "empty update: no header and no tensors"),
     "missing layer": ("INVALID_ARGUMENT", "missing tensor(s): hidden2.bias"),
     "extra layer": ("INVALID_ARGUMENT", "unknown tensor 'conv3.bias'"),
     "layer sent twice": ("INVALID_ARGUMENT", "sent twice"),
@@ -50,7 +51,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "accuracy out of range": ("INVALID_ARGUMENT", "accuracy must lie in [0, 1]"),
     "unknown task": ("NOT_FOUND", "unknown task id"),
     "unknown session": ("NOT_FOUND", "unknown or expired session"),
-    "evaluation for a train task": ("FAILED_PRECONDITION", "is a train task, not a evaluate"),
+    "evaluation for a train task": ("FAILED_PRECONDITION", "is a train task, not an evaluate"),
     "another device's task": ("PERMISSION_DENIED", "was given to another device"),
     "another device's session": ("PERMISSION_DENIED", "another device"),
     "download past the end": ("OUT_OF_RANGE", "past the end"),
@@ -58,7 +59,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "stale round": ("FAILED_PRECONDITION", "is closed"),
     "replayed submission": ("FAILED_PRECONDITION", "already submitted"),
     "unchanged model (no training)": ("INVALID_ARGUMENT", "nothing was trained"),
-    "update for an evaluate task": ("FAILED_PRECONDITION", "is a evaluate task, not a train"),
+    "update for an evaluate task": ("FAILED_PRECONDITION", "is an evaluate task, not a train"),
     "evaluation accuracy out of range": ("INVALID_ARGUMENT", "accuracy must lie in [0, 1]"),
     "no token": ("UNAUTHENTICATED", "token"),
     "unknown token": ("UNAUTHENTICATED", "token"),
@@ -83,6 +84,8 @@ class Outcomes:
             got = ("accepted", "")
         except grpc.RpcError as exc:
             got = (exc.code().name, exc.details() or "")
+        except RefusedError as exc:
+            got = (exc.code.name, exc.message)
         with self.lock:
             self.seen.setdefault(kind, []).append(got)
 
@@ -130,7 +133,11 @@ class Peers:
 
 
 class DeviceAttacks:
-    """Hooks for a ScriptedDevice: attack its own task before and after its honest submission."""
+    """Hooks for a ScriptedDevice: attack its own task before and after its honest submission.
+
+    Submissions and evaluations go through the device's DeviceClient low-level calls (which
+    only retry transient failures); the rest are raw stub calls with the device's credentials.
+    """
 
     def __init__(self, device_id: str, outcomes: Outcomes, peers: Peers) -> None:
         self.device_id = device_id
@@ -138,7 +145,8 @@ class DeviceAttacks:
         self.peers = peers
         self.previous_task: str | None = None
 
-    def before_submit(self, stub, session: str, task, sent) -> None:
+    def before_submit(self, client: DeviceClient, task, sent) -> None:
+        stub, session, metadata = client.stub, client.session_id, client.metadata
         self.peers.post(self.device_id, session, task.task_id)
         refuse = self.outcomes.expect_refusal
 
@@ -154,7 +162,7 @@ class DeviceAttacks:
             return list(encode_update(header, params, chunk_bytes=512 * 1024))
 
         def submit(messages: Chunks) -> Callable[[], object]:
-            return lambda: stub.SubmitUpdate(iter(messages))
+            return lambda: client.submit_update_stream(lambda: messages)
 
         valid = stream()
         as_dict = dict(sent)
@@ -198,13 +206,14 @@ class DeviceAttacks:
         refuse("accuracy out of range", submit(stream(accuracy=1.5)))
         refuse("unknown task", submit(stream(task_id="f" * 24)))
         refuse("unknown session", submit(stream(session_id="not-a-session")))
-        refuse("evaluation for a train task", _evaluation(stub, session, task.task_id, 0.5))
+        refuse("evaluation for a train task", _evaluation(client, task.task_id, 0.5))
         refuse(
             "download past the end",
             lambda: stub.DownloadModel(
                 device_pb2.DownloadModelRequest(
                     session_id=session, task_id=task.task_id, offset=task.model.size_bytes + 1
-                )
+                ),
+                metadata=metadata,
             ),
         )
         other = self.peers.other(self.device_id)
@@ -214,35 +223,39 @@ class DeviceAttacks:
             refuse(
                 "download another device's model",
                 lambda: stub.DownloadModel(
-                    device_pb2.DownloadModelRequest(session_id=session, task_id=other_task)
+                    device_pb2.DownloadModelRequest(session_id=session, task_id=other_task),
+                    metadata=metadata,
                 ),
             )
             refuse(
                 "another device's session",
-                lambda: stub.GetTask(device_pb2.GetTaskRequest(session_id=other_session)),
+                lambda: stub.GetTask(
+                    device_pb2.GetTaskRequest(session_id=other_session), metadata=metadata
+                ),
             )
         if self.previous_task is not None:
             refuse("stale round", submit(stream(task_id=self.previous_task)))
-        shipped = b"".join(c.data for c in stub.DownloadModel(device_pb2.DownloadModelRequest(
-            session_id=session, task_id=task.task_id)))  # fmt: skip
+        shipped = client.download_model(task.task_id, task.model)
         refuse("unchanged model (no training)",
                submit(stream(get_parameters(spec_from_bytes(shipped)))))  # fmt: skip
         self._valid = valid
 
-    def after_submit(self, stub, session: str, task, sent) -> None:
+    def after_submit(self, client: DeviceClient, task, sent) -> None:
+        valid = self._valid
         self.outcomes.expect_refusal(
-            "replayed submission", lambda: stub.SubmitUpdate(iter(self._valid))
+            "replayed submission", lambda: client.submit_update_stream(lambda: valid)
         )
         self.previous_task = task.task_id
 
-    def before_evaluation(self, stub, session: str, task, _sent) -> None:
+    def before_evaluation(self, client: DeviceClient, task, _sent) -> None:
         refuse = self.outcomes.expect_refusal
-        header = UpdateHeader(session, task.task_id, 10, 0.5, 0.5, 1.0)
+        header = UpdateHeader(client.session_id, task.task_id, 10, 0.5, 0.5, 1.0)
         params = [("conv1.bias", np.zeros(32, np.float32))]
         refuse(
-            "update for an evaluate task", lambda: stub.SubmitUpdate(encode_update(header, params))
+            "update for an evaluate task",
+            lambda: client.submit_update_stream(lambda: encode_update(header, params)),
         )
-        refuse("evaluation accuracy out of range", _evaluation(stub, session, task.task_id, -0.2))
+        refuse("evaluation accuracy out of range", _evaluation(client, task.task_id, -0.2))
 
 
 class OutsiderAttacks:
@@ -285,11 +298,8 @@ class OutsiderAttacks:
             )
 
 
-def _evaluation(stub, session: str, task_id: str, accuracy: float) -> Callable[[], object]:
-    request = device_pb2.SubmitEvaluationRequest(
-        session_id=session, task_id=task_id, num_examples=10, loss=0.1, accuracy=accuracy
-    )
-    return lambda: stub.SubmitEvaluation(request)
+def _evaluation(client: DeviceClient, task_id: str, accuracy: float) -> Callable[[], object]:
+    return lambda: client.submit_evaluation(task_id, EvaluationResult(10, 0.1, accuracy))
 
 
 def _every_rpc(stub, metadata) -> list[Callable[[], object]]:

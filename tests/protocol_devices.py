@@ -1,27 +1,36 @@
-"""Scripted protocol-level devices for coordinator tests: real gRPC, no training.
+"""Scripted protocol-level devices for coordinator tests: DeviceClient with a trainer that does
+not train.
 
-Each device speaks the wire protocol exactly as the iOS app does, downloads and verifies the
-model, and submits parameters it derives from the model it received (received + its own offset)
-with a chosen example count, so a test knows precisely what every device sent.
+Each device is the reference :class:`~fedcoreml.ios_bridge.device_client.DeviceClient` (so it
+speaks the wire protocol exactly as the iOS app does, downloads and verifies the model) whose
+trainer submits parameters derived from the model it received (received + its own offset) with
+a chosen example count, so a test knows precisely what every device sent.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
-from fedcoreml.ios_bridge.channel import bearer_metadata
+from fedcoreml.ios_bridge.channel import open_channel
+from fedcoreml.ios_bridge.device_client import (
+    DeviceClient,
+    EvaluationResult,
+    FailedPreconditionError,
+    RetryPolicy,
+    TrainResult,
+)
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters
-from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, encode_update
-from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.ios_bridge.wire import device_pb2
+
+# Scripted devices meet coordinators that are up already; a retry streak means a broken test.
+RETRY = RetryPolicy(initial_backoff=0.05, max_backoff=1.0, give_up_after=30.0, rpc_timeout=60.0)
+CHUNK_BYTES = 512 * 1024
 
 
 @dataclass
@@ -29,6 +38,14 @@ class Submission:
     round: int
     num_examples: int
     parameters: list[tuple[str, np.ndarray]]
+
+
+class _DiedError(Exception):
+    """The scripted phone vanished mid-task."""
+
+
+# (client, task, parameters to send) -> None; hooks for tests that attack their own session
+Hook = Callable[[DeviceClient, object, list[tuple[str, np.ndarray]]], None]
 
 
 @dataclass
@@ -42,125 +59,87 @@ class ScriptedDevice:
     rejoin_after_s: float | None = None  # after dying, come back as a relaunched app
     token: str | None = None  # sent as bearer metadata on every call
     noise: float = 0.0  # plus this much seeded noise, the same for a device and round every run
-    # called with (stub, session, task, parameters to send) before and after the submission
-    before_submit: Callable | None = None
-    after_submit: Callable | None = None
-    before_evaluation: Callable | None = None
+    before_submit: Hook | None = None
+    after_submit: Hook | None = None
+    before_evaluation: Hook | None = None
     submissions: list[Submission] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # FAILED_PRECONDITION: a straggler
     evaluations: int = 0
     finished: bool = False
     error: BaseException | None = None
 
     def run(self, stop: threading.Event) -> None:
         try:
-            self._run(stop)
+            with open_channel(self.address) as channel:
+                client = _ScriptedClient(self, channel, stop)
+                while not stop.is_set():
+                    try:
+                        client.run()
+                    except _DiedError:
+                        if self.rejoin_after_s is None or stop.wait(self.rejoin_after_s):
+                            return
+                        self.die_in_round = None
+                        continue
+                    self.finished = client.stats.finished
+                    return
         except BaseException as exc:  # surfaced by the test
             self.error = exc
 
-    def _run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            if self._session(stop) != "died" or self.rejoin_after_s is None:
-                return
-            time.sleep(self.rejoin_after_s)
-            self.die_in_round = None
+    # -- the trainer --------------------------------------------------------------------------
 
-    def _session(self, stop: threading.Event) -> str:
-        with grpc.insecure_channel(self.address) as plain:
-            channel = plain
-            if self.token is not None:
-                channel = grpc.intercept_channel(plain, WithMetadata(bearer_metadata(self.token)))
-            stub = device_pb2_grpc.DeviceServiceStub(channel)
-            session = stub.Register(
-                device_pb2.RegisterRequest(device_id=self.device_id, platform="scripted")
-            ).session_id
-            while not stop.is_set():
-                reply = stub.GetTask(device_pb2.GetTaskRequest(session_id=session))
-                kind = reply.WhichOneof("task")
-                if kind == "wait":
-                    time.sleep(reply.wait.retry_after_ms / 1000)
-                elif kind == "finished":
-                    self.finished = True
-                    return "finished"
-                elif kind == "train":
-                    task = reply.train
-                    model = download(stub, session, task.task_id, task.model)
-                    if self.die_in_round == task.round:
-                        return "died"  # the phone vanished mid-task
-                    received = get_parameters(spec_from_bytes(model))
-                    sent = [(n, (v + np.float32(self.offset)).astype(np.float32))
-                            for n, v in received]  # fmt: skip
-                    if self.noise:
-                        rng = np.random.default_rng(
-                            [zlib.crc32(self.device_id.encode()), task.round]
-                        )
-                        noise = self.noise
-                        sent = [(n, (v + noise * rng.standard_normal(v.shape)).astype(np.float32))
-                                for n, v in sent]  # fmt: skip
-                    header = UpdateHeader(session, task.task_id, self.num_examples, 0.5, 0.5, 0.1)
-                    time.sleep(self.delay_s)
-                    if self.before_submit is not None:
-                        self.before_submit(stub, session, task, sent)
-                    try:
-                        stub.SubmitUpdate(encode_update(header, sent, chunk_bytes=512 * 1024))
-                    except grpc.RpcError as exc:
-                        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                            raise
-                        self.refused.append(exc.details())  # a straggler: the round closed
-                        continue
-                    self.submissions.append(Submission(task.round, self.num_examples, sent))
-                    if self.after_submit is not None:
-                        self.after_submit(stub, session, task, sent)
-                elif kind == "evaluate":
-                    task = reply.evaluate
-                    download(stub, session, task.task_id, task.model)
-                    if self.before_evaluation is not None:
-                        self.before_evaluation(stub, session, task, [])
-                    stub.SubmitEvaluation(
-                        device_pb2.SubmitEvaluationRequest(
-                            session_id=session,
-                            task_id=task.task_id,
-                            num_examples=self.num_examples,
-                            loss=0.3,
-                            accuracy=0.8,
-                        )
-                    )
-                    self.evaluations += 1
-        return "stopped"
+    def train(self, model: bytes, task: device_pb2.TrainTask) -> TrainResult:
+        if self.die_in_round == task.round:
+            raise _DiedError
+        received = get_parameters(spec_from_bytes(model))
+        sent = [(n, (v + np.float32(self.offset)).astype(np.float32)) for n, v in received]
+        if self.noise:
+            rng = np.random.default_rng([zlib.crc32(self.device_id.encode()), task.round])
+            sent = [(n, (v + self.noise * rng.standard_normal(v.shape)).astype(np.float32))
+                    for n, v in sent]  # fmt: skip
+        return TrainResult(sent, self.num_examples, 0.5, 0.5, 0.1)
+
+    def evaluate(self, model: bytes, task: device_pb2.EvaluateTask) -> EvaluationResult:
+        return EvaluationResult(self.num_examples, 0.3, 0.8)
 
 
-class WithMetadata(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-):
-    """Adds fixed metadata (a bearer token) to every call, as the iOS app's client does."""
+class _ScriptedClient(DeviceClient):
+    """DeviceClient with the scripted device's hooks around its submissions."""
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.metadata = metadata
+    def __init__(self, device: ScriptedDevice, channel, stop: threading.Event) -> None:
+        super().__init__(channel, device.device_id, device, platform="scripted",
+                         token=device.token, retry=RETRY, stop=stop)  # fmt: skip
+        self.device = device
+        self._task: device_pb2.TrainTask | None = None
 
-    def _details(self, details):
-        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+    def _train(self, task, model, received) -> None:
+        self._task = task
+        super()._train(task, model, received)
 
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
+    def submit_update(self, task_id, result, chunk_bytes=None):
+        device, task = self.device, self._task
+        self.sleep(device.delay_s)
+        if device.before_submit is not None:
+            device.before_submit(self, task, result.parameters)
+        try:
+            response = super().submit_update(task_id, result, chunk_bytes or CHUNK_BYTES)
+        except FailedPreconditionError as exc:
+            device.refused.append(exc.message)
+            raise
+        device.submissions.append(Submission(task.round, result.num_examples, result.parameters))
+        if device.after_submit is not None:
+            device.after_submit(self, task, result.parameters)
+        return response
 
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
+    def submit_evaluation(self, task_id, result):
+        if self.device.before_evaluation is not None:
+            self.device.before_evaluation(self, self._evaluated, [])
+        response = super().submit_evaluation(task_id, result)
+        self.device.evaluations += 1
+        return response
 
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-
-def download(stub, session: str, task_id: str, ref: device_pb2.ModelRef) -> bytes:
-    data = b"".join(
-        chunk.data
-        for chunk in stub.DownloadModel(
-            device_pb2.DownloadModelRequest(session_id=session, task_id=task_id)
-        )
-    )
-    assert len(data) == ref.size_bytes and hashlib.sha256(data).hexdigest() == ref.sha256
-    return data
+    def _evaluate(self, task, model) -> None:
+        self._evaluated = task
+        super()._evaluate(task, model)
 
 
 def start_devices(devices: list[ScriptedDevice]) -> tuple[threading.Event, list[threading.Thread]]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from protocol_devices import ScriptedDevice, run_to_the_end, start_devices
 
-from fedcoreml.client_sim.device import DeviceError, Poison
+from fedcoreml.client_sim.device import Poison
+from fedcoreml.ios_bridge.errors import FedCoreMLError
 from fedcoreml.ios_bridge.mlmodel_io import load_spec
 from fedcoreml.ios_bridge.parameters import get_parameters
 from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
@@ -19,7 +20,7 @@ def test_poison_kinds():
     np.testing.assert_array_equal(scaled, np.full((2, 2), -5.0, np.float32))
     ((_, noise),) = Poison.parse("random", seed=1).apply(received, trained)
     assert noise.shape == (2, 2) and noise.dtype == np.float32 and np.std(noise) > 0.1
-    with pytest.raises(DeviceError, match="expected 'scale:F'"):
+    with pytest.raises(FedCoreMLError, match="expected 'scale:F'"):
         Poison.parse("scale:lots")
 
 
