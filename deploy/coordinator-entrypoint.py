@@ -9,8 +9,9 @@ continues after the last committed round with the configuration the run was star
 rather than starting a second run over the first one's files. A run that had finished is only
 finished again: final.mlmodel is rewritten, bit for bit the same, and the process exits.
 
-SIGTERM (``docker stop``, a pod's deletion) stops the coordinator like Ctrl-C: the gRPC server
-shuts down and the process exits with 130; everything committed stays in the run directory.
+SIGTERM (``docker stop``, a pod's deletion) stops the coordinator: the gRPC server shuts down,
+one line says after which round it stopped, and the process exits with 143 (128 + SIGTERM);
+everything committed stays in the run directory.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if __name__ == "__main__":
             file=sys.stderr,
             flush=True,
         )
-    # PID 1 ignores SIGTERM unless it installs a handler: treat it as an interrupt.
+    # PID 1 ignores SIGTERM unless it installs a handler: until the coordinator installs its
+    # own (which says where the run stopped), treat it as an interrupt.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main(command))

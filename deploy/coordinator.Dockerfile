@@ -16,7 +16,8 @@ RUN groupadd --system --gid 10001 fedcoreml \
         --shell /usr/sbin/nologin fedcoreml \
  && install -d -o 10001 -g 10001 -m 0750 /runs /certs
 
-# The README's install command (`pip install -e .`), not editable: the image keeps no source.
+# The base install, not editable (the image keeps no source): the coordinator never loads
+# TensorFlow, so the image has none (379 MB of installed packages; the devices image: 2.2 GB).
 COPY . /tmp/src
 RUN --mount=type=cache,target=/root/.cache/pip \
     cd /tmp/src \

@@ -2,7 +2,7 @@
 # in deploy/compose.flower.yaml. Build from the repository root:
 #   docker build -f deploy/devices.Dockerfile -t fedcoreml-devices:dev .
 # The build context is filtered by deploy/devices.Dockerfile.dockerignore (BuildKit). The steps
-# up to `pip install .` are those of coordinator.Dockerfile, so the two builds share them.
+# up to the install are those of coordinator.Dockerfile, so the two builds share them.
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 
@@ -16,11 +16,12 @@ RUN groupadd --system --gid 10001 fedcoreml \
         --shell /usr/sbin/nologin fedcoreml \
  && install -d -o 10001 -g 10001 -m 0750 /runs /certs
 
-# The README's install command (`pip install -e .`), not editable: the image keeps no source.
+# The README's install command (`pip install -e ".[devices]"`), not editable: the image keeps
+# no source. The devices extra brings TensorFlow and flwr-datasets.
 COPY . /tmp/src
 RUN --mount=type=cache,target=/root/.cache/pip \
     cd /tmp/src \
- && pip install . \
+ && pip install ".[devices]" \
  && cd / && rm -rf /tmp/src \
  && fedcoreml --help > /dev/null
 

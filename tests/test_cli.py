@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 NOISE = ("Failed to load", "oneDNN", "absl::InitializeLog", "has not been tested with coremltools",
          "Now adding input")  # fmt: skip
 
@@ -49,6 +51,7 @@ def test_inspect_refuses_clearly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_writes_a_model_that_scores_as_reported(tmp_path):
     out = tmp_path / "trained.mlmodel"
     result = fedcoreml(
@@ -90,6 +93,7 @@ def test_the_coordinator_and_model_commands_never_load_tensorflow():
     assert result.stdout.strip() == "False", result.stderr
 
 
+@pytest.mark.slow
 def test_default_model_reaches_the_mnist_target_on_real_data(tmp_path, shared_mnist):
     """Issue target: >= 96.5 % on the 10,000 real MNIST test images from the 5,000-image sample."""
     out = tmp_path / "mnist.mlmodel"

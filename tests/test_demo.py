@@ -8,8 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fedcoreml.ios_bridge.interpreter import ReferenceInterpreter
 from fedcoreml.ios_bridge.mlmodel_io import load_spec
+
+pytestmark = pytest.mark.slow  # a whole federated run: deselect with -m "not slow"
 
 CLI = [sys.executable, "-m", "fedcoreml.server.cli"]
 

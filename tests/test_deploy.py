@@ -149,18 +149,25 @@ def image_command(image: str) -> tuple[list[str], list[str]]:
 
 
 def readme_install_command() -> str:
-    """The README's install command without ``-e``: what an image runs."""
+    """The README's install command without ``-e``: what the devices image runs."""
     readme = (REPO / "README.md").read_text()
-    match = re.search(r"^(pip install -e \.) && fedcoreml demo$", readme, flags=re.M)
-    assert match, "README.md no longer has the `pip install -e . && fedcoreml demo` command"
+    match = re.search(r'^(pip install -e "\.\[devices\]") && fedcoreml demo$', readme, flags=re.M)
+    assert match, (
+        'README.md no longer has the `pip install -e ".[devices]" && fedcoreml demo` command'
+    )
     return match.group(1).replace(" -e ", " ")
 
 
+# The coordinator never loads TensorFlow (tests/test_layering.py), so its image is the base
+# install; the simulated devices (and Flower's SuperNodes running the ClientApp) need the extra.
+IMAGE_INSTALLS = {"coordinator": "pip install .", "devices": 'pip install ".[devices]"'}
+
+
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
-def test_dockerfile_installs_with_the_readme_command(image: str) -> None:
+def test_dockerfile_installs_what_the_image_needs(image: str) -> None:
     path = DOCKERFILES[image]
-    expected = readme_install_command()
-    assert expected == "pip install ."
+    assert readme_install_command() == IMAGE_INSTALLS["devices"]
+    expected = IMAGE_INSTALLS[image]
     pip_steps = [
         step.strip()
         for run in instruction_args(path, "RUN")
@@ -173,6 +180,22 @@ def test_dockerfile_installs_with_the_readme_command(image: str) -> None:
         sources = [word for word in copy.split() if not word.startswith("--")][:-1]
         for source in sources:
             assert (REPO / source).exists(), f"{path.name}: COPY {source}: no such file"
+
+
+def test_the_coordinator_image_installs_no_tensorflow() -> None:
+    """The base install (the coordinator image's) requires neither TensorFlow nor flwr-datasets;
+    the devices extra brings both, and every extra's requirement names a real distribution."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    base = names(project["dependencies"])
+    extras = {extra: names(reqs) for extra, reqs in project["optional-dependencies"].items()}
+    assert not base & {"tensorflow", "tensorflow-cpu", "flwr-datasets", "grpcio-tools"}, base
+    assert {"tensorflow-cpu", "flwr-datasets"} <= extras["devices"]
+    assert extras["devices"] <= extras["simulation"], "the ClientApp trains like a device"
+    assert "grpcio-tools" in extras["dev"]
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
@@ -797,5 +820,6 @@ def test_entrypoint_runs_the_coordinator_and_stops_on_sigterm(tmp_path: Path) ->
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 130, output
-    assert "listening for devices on port" in output and "interrupted" in output
+    assert process.returncode == 143, output  # 128 + SIGTERM
+    assert "listening for devices on port" in output
+    assert "stopped by SIGTERM" in output and f"--resume {run_dir}" in output

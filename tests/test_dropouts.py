@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
+
+pytestmark = pytest.mark.slow  # a whole federated run: deselect with -m "not slow"
 
 
 def test_thirty_percent_of_devices_vanish_every_round(tmp_path):

@@ -120,6 +120,7 @@ def test_a_run_where_no_node_trained_is_reported_as_failed(tmp_path):
     assert (tmp_path / "run" / "final.mlmodel").exists()  # what there is, is still recorded
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_simulation_runtime_runs_the_app_end_to_end(runtime, tmp_path):
     runtime.start_superlink(simulation=True)
@@ -133,6 +134,7 @@ def test_simulation_runtime_runs_the_app_end_to_end(runtime, tmp_path):
     check_run_directory(run_dir, rounds=2, per_round=2)
 
 
+@pytest.mark.slow
 @pytest.mark.flower
 def test_deployment_runtime_runs_the_app_on_supernodes(runtime, tmp_path):
     runtime.start_superlink(simulation=False)

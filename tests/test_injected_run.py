@@ -18,6 +18,8 @@ from protocol_devices import ScriptedDevice, run_to_the_end, start_devices
 from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
 from fedcoreml.server.gateway.tokens import TokenStore
 
+pytestmark = pytest.mark.slow  # a whole federated run: deselect with -m "not slow"
+
 DEVICES = [("phone-a", 120, 0.01), ("phone-b", 310, -0.02), ("phone-c", 575, 0.03),
            ("phone-d", 64, 0.002)]  # fmt: skip
 RUN_ID = 20261130

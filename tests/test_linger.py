@@ -11,9 +11,12 @@ import threading
 import time
 
 import grpc
+import pytest
 from protocol_devices import ScriptedDevice
 
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+
+pytestmark = pytest.mark.slow  # a whole federated run: deselect with -m "not slow"
 
 CLI = [sys.executable, "-m", "fedcoreml.server.cli", "server"]
 

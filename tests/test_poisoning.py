@@ -12,6 +12,8 @@ from fedcoreml.ios_bridge.mlmodel_io import load_spec
 from fedcoreml.ios_bridge.parameters import get_parameters
 from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
 
+pytestmark = pytest.mark.slow  # a whole federated run: deselect with -m "not slow"
+
 
 def test_poison_kinds():
     received = [("w", np.zeros((2, 2), np.float32))]

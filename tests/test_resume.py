@@ -12,6 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a whole federated run: deselect with -m "not slow"
+
 CLI = [sys.executable, "-m", "fedcoreml.server.cli"]
 
 

@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fedcoreml.server.gateway.tls import generate_test_ca
+
+pytestmark = pytest.mark.slow  # a whole federated run: deselect with -m "not slow"
 
 CLI = [sys.executable, "-m", "fedcoreml.server.cli"]
 
