@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from fedcoreml.ios_bridge.cli_logging import add_logging_options, configure_logging
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 
 
@@ -34,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--partition",
         default="iid",
         help="how to split the training set: iid (default), dirichlet:ALPHA or shards:K",
+    )
+    devices.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use a random subset of N training examples (seeded by --seed) before partitioning",
     )
     devices.add_argument("--seed", type=int, default=0, help="seed for data and behaviour")
     devices.add_argument(
@@ -83,7 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="scale:-10",
         help="what poisoned devices send: scale:F (received + F x their real update) or random",
     )
-    devices.add_argument("--slow-seconds", type=float, default=0.0, metavar="S")
+    devices.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="how long a slow device sleeps before submitting each update (default 0)",
+    )
     devices.add_argument(
         "--give-up-after",
         type=float,
@@ -116,13 +131,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         '"fcm_...", ...} (what `fedcoreml tokens create --out FILE` writes); every device '
         "must have one",
     )
-    devices.add_argument("-v", "--verbose", action="store_true", help="log every poll, too")
+    add_logging_options(devices, default="info")
     devices.set_defaults(handler=_devices)
 
 
 def _check(args: argparse.Namespace) -> None:
+    """Refuse options out of range, and a coordinator address that does not resolve."""
+    from fedcoreml.client_sim.partition import parse_partition_spec
+    from fedcoreml.ios_bridge.channel import DEVICE_ID_RULE, valid_device_id
+    from fedcoreml.ios_bridge.host_port import AddressError, parse_host_port, resolve
+
+    try:
+        resolve(parse_host_port(args.server))
+    except AddressError as exc:
+        raise DevicesArgumentError(f"--server {exc}") from None
     if args.count < 1:
         raise DevicesArgumentError(f"--count must be at least 1, got {args.count}")
+    if args.limit is not None and args.limit < 1:
+        raise DevicesArgumentError(f"--limit must be at least 1, got {args.limit}")
+    last_id = f"{args.device_prefix}-{args.count - 1:03d}"
+    if not valid_device_id(last_id):
+        raise DevicesArgumentError(
+            f"--device-prefix {args.device_prefix!r} gives device ids like {last_id!r}; a device "
+            f"id is {DEVICE_ID_RULE}"
+        )
+    parse_partition_spec(args.partition)
     if args.slow_fraction > 0 and args.slow_seconds <= 0:
         raise DevicesArgumentError("--slow-fraction needs --slow-seconds greater than 0")
     if args.slow_seconds < 0:
@@ -148,26 +181,27 @@ def _check(args: argparse.Namespace) -> None:
 
 def _security(args: argparse.Namespace) -> dict[str, str]:
     """Check --ca-cert and read --token-file before any data is loaded; the tokens."""
-    import sys
-
     from fedcoreml.ios_bridge.channel import channel_credentials
     from fedcoreml.ios_bridge.token_file import read_token_file
 
     if args.ca_cert is not None:
         channel_credentials(args.ca_cert)  # a missing or non-PEM file fails here, named
-    else:
-        print(
-            f"fedcoreml devices: warning: connecting to {args.server} without TLS (plaintext); "
-            "pass --ca-cert FILE to encrypt the connection",
-            file=sys.stderr,
-            flush=True,
-        )
     return read_token_file(args.token_file) if args.token_file is not None else {}
 
 
 def _devices(args: argparse.Namespace) -> int:
-    import logging
+    from fedcoreml.ios_bridge.datasets import limit, load_dataset
+    from fedcoreml.ios_bridge.extras import require_devices_extra
 
+    require_devices_extra()
+    _check(args)
+    configure_logging(args.log_level)
+    tokens = _security(args)
+    data = load_dataset(args.data_dir)
+    if args.limit is not None:
+        data = limit(data, args.limit, seed=args.seed)
+
+    # Everything the user gave is checked: now the simulated devices (TensorFlow, seconds).
     from fedcoreml.client_sim.device import RetryPolicy
     from fedcoreml.client_sim.fleet import (
         FleetOptions,
@@ -176,13 +210,7 @@ def _devices(args: argparse.Namespace) -> int:
         run_fleet,
         tune_garbage_collection,
     )
-    from fedcoreml.ios_bridge.datasets import load_dataset
 
-    _check(args)
-    tokens = _security(args)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("fedcoreml").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    data = load_dataset(args.data_dir)
     shares = partition_dataset(data, args.count, args.partition, args.seed)
     options = FleetOptions(
         seed=args.seed,
@@ -200,6 +228,13 @@ def _devices(args: argparse.Namespace) -> int:
         ca_cert=args.ca_cert,
         tokens=tokens,
     )
+    if args.ca_cert is None:
+        print(
+            f"fedcoreml devices: warning: connecting to {args.server} without TLS (plaintext); "
+            "pass --ca-cert FILE to encrypt the connection",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"Running {args.count} simulated device(s) against {args.server} on {data.name} "
         f"({args.partition}, seed {args.seed}): {len(options.drop_devices)} dropping out, "

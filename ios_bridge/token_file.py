@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedcoreml.ios_bridge.atomic_file import write_text_atomic
+from fedcoreml.ios_bridge.atomic_file import SECRET_FILE_MODE, write_text_atomic
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 
 __all__ = ["TokenFileError", "read_token_file", "write_token_file"]
@@ -48,6 +48,7 @@ def write_token_file(path: str | os.PathLike[str], tokens: Mapping[str, str]) ->
     target = Path(path)
     merged = read_token_file(target) if target.exists() else {}
     merged.update(tokens)
-    write_text_atomic(target, json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.chmod(target, 0o600)
+    write_text_atomic(
+        target, json.dumps(merged, indent=2, sort_keys=True) + "\n", mode=SECRET_FILE_MODE
+    )
     return target

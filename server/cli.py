@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 
@@ -22,10 +22,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedcoreml",
         description="Federated learning for iPhones with updatable Core ML models.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         entry.load()(subparsers)
     return parser
+
+
+def _version() -> str:
+    try:
+        return version("fedcoreml")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "(not installed)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except FedCoreMLError as exc:
-        print(f"fedcoreml {args.command}: error: {exc}", file=sys.stderr)
+    except FedCoreMLError as exc:  # bad input: the message says what and where
+        print(f"fedcoreml {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused: a file that cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        print(f"fedcoreml {args.command}: error: {where}{_one_line(reason)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fedcoreml {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
+from fedcoreml.ios_bridge.cli_logging import add_logging_options, configure_logging
 from fedcoreml.server.gateway.auth import DEFAULT_RATE_PER_S
+from fedcoreml.server.stop_signals import StopRequested, stop_signals
 from fedcoreml.server.strategies import STRATEGY_NAMES
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
-    parser.add_argument("--rounds", type=int, default=5 if demo else None)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5 if demo else None,
+        help="federated rounds to run" + (" (default 5)" if demo else " (required)"),
+    )
     parser.add_argument(
         "--strategy",
         default="fedavg",
@@ -75,7 +84,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "then tell the devices the run is finished. Writes run.json, metrics.jsonl, "
         "models/round-NNNN.mlmodel and final.mlmodel into --run-dir.",
     )
-    server.add_argument("--listen", default=None, help="HOST:PORT (default 127.0.0.1:50051)")
+    server.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="where devices connect (default 127.0.0.1:50051; 0.0.0.0:PORT for every network "
+        "interface; port 0: any free port, logged at start)",
+    )
     server.add_argument("--run-dir", type=Path, help="where the run is recorded (required)")
     server.add_argument("--min-devices", type=int, help="devices to wait for (required)")
     server.add_argument(
@@ -142,6 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep every update until the round closes, even for strategies that only need "
         "their running mean (FedAvg family); costs one model's memory per device",
     )
+    add_logging_options(server, default="info")
     server.set_defaults(handler=_server)
 
     demo = subparsers.add_parser(
@@ -151,28 +167,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(`fedcoreml devices`, a separate process) that train the model with the Core ML "
         "emulator on their own partitions of the data, over the same protocol an iOS app uses.",
     )
-    demo.add_argument("--devices", type=int, default=10)
+    demo.add_argument(
+        "--devices", type=int, default=10, metavar="N", help="simulated iPhones (default 10)"
+    )
     demo.add_argument("--data-dir", help="training/test data (default: the bundled MNIST sample)")
     demo.add_argument("--partition", default="iid", help="iid, dirichlet:ALPHA or shards:K")
-    demo.add_argument("--run-dir", type=Path, help="default: runs/demo-<time>")
-    demo.add_argument("--seed", type=int, default=0)
-    _add_run_options(demo, demo=True)
-    demo.set_defaults(handler=_demo)
-
-
-def _setup_logging(verbose: bool) -> None:
-    import logging
-
-    # Plain, one line per event: operators grep and ship these logs.
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
+    demo.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="the devices share a random subset of N training examples (default: all)",
     )
-    flower = logging.getLogger("flwr")
-    flower.propagate = False  # Flower logs through its own console handler already
-    if not verbose:
-        flower.setLevel(logging.WARNING)
+    demo.add_argument(
+        "--run-dir", type=Path, help="where the run is recorded (default: runs/demo-<time>)"
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed for the devices' data and behaviour (default 0)"
+    )
+    _add_run_options(demo, demo=True)
+    add_logging_options(demo, default="warning")
+    demo.set_defaults(handler=_demo)
 
 
 def _coordinator_config(args: argparse.Namespace, **extra):
@@ -200,20 +214,25 @@ def _server(args: argparse.Namespace) -> int:
     import logging
 
     from fedcoreml.server.coordinator import Coordinator, CoordinatorConfigError
+    from fedcoreml.server.run_dir import RunDirectory
 
-    _setup_logging(verbose=True)
     tls = args.tls_cert is not None or args.tls_key is not None
     if not tls and not args.insecure and args.resume is None:
         raise CoordinatorConfigError(
             "give --tls-cert and --tls-key, or --insecure to serve devices over plaintext"
         )
-    if args.resume is not None:
-        coordinator = Coordinator.resume(args.resume, listen=args.listen)
-    else:
+    if args.listen is not None:
+        _check_listen(args.listen)
+    if args.resume is None:
         missing = [f"--{name.replace('_', '-')}" for name in ("run_dir", "rounds", "min_devices")
                    if getattr(args, name) is None]  # fmt: skip
         if missing:
             raise CoordinatorConfigError(f"missing {', '.join(missing)} (or use --resume)")
+        RunDirectory(args.run_dir).check_new()
+    configure_logging(args.log_level, flower=True)
+    if args.resume is not None:
+        coordinator = Coordinator.resume(args.resume, listen=args.listen)
+    else:
         coordinator = Coordinator(
             _coordinator_config(
                 args,
@@ -237,15 +256,54 @@ def _server(args: argparse.Namespace) -> int:
             "INSECURE: devices connect over PLAINTEXT gRPC; anyone on the network can read and "
             "alter models and updates. Use --tls-cert/--tls-key outside a trusted network."
         )
-    coordinator.start()
     try:
-        final = coordinator.run()
+        with stop_signals():
+            try:
+                coordinator.start()
+                final = coordinator.run()
+            except StopRequested as stop:
+                coordinator.stop()
+                print(f"fedcoreml server: {_stopped(args, coordinator, stop)}", file=sys.stderr)
+                return stop.exit_code
         print(f"final model: {final}", flush=True)
         if args.linger:
             _linger()
     finally:
         coordinator.stop()
     return 0
+
+
+def _check_listen(listen: str) -> None:
+    """Refuse a malformed or unresolvable --listen, or one the coordinator cannot bind."""
+    from fedcoreml.ios_bridge.host_port import AddressError, parse_host_port, resolve
+    from fedcoreml.server.gateway.listen import check_listen_address
+
+    try:
+        resolve(parse_host_port(listen, allow_any_port=True), passive=True)
+    except AddressError as exc:
+        raise AddressError(f"--listen {exc}") from None
+    check_listen_address(listen)
+
+
+def _stopped(args: argparse.Namespace, coordinator, stop: StopRequested) -> str:
+    """One line: after which round the run stopped, and the command that continues it."""
+    from fedcoreml.server.run_dir import RunDirectory, RunDirectoryError
+
+    directory = RunDirectory(coordinator.config.run_dir)
+    if not directory.config_file.exists():
+        return f"stopped by {stop.name} before the run started; nothing was recorded"
+    try:
+        last = directory.last_committed_round()
+    except RunDirectoryError as exc:
+        return f"stopped by {stop.name}; the run directory is damaged: {exc}"
+    command = ["fedcoreml", "server", "--resume", str(directory.path)]
+    if args.listen is not None:
+        command += ["--listen", args.listen]
+    if args.linger:
+        command.append("--linger")
+    rounds = coordinator.config.rounds
+    where = f"after round {last} of {rounds}" if last else f"before round 1 of {rounds} completed"
+    return f"stopped by {stop.name} {where}; continue with: {shlex.join(command)}"
 
 
 def _linger() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -12,10 +14,14 @@ NOISE = ("Failed to load", "oneDNN", "absl::InitializeLog", "has not been tested
          "Now adding input")  # fmt: skip
 
 
+# A terminal type that has colours: output still has none, because it is not a terminal.
+PIPED_ENV = {k: v for k, v in os.environ.items() if k != "FORCE_COLOR"} | {"TERM": "xterm-256color"}
+
+
 def fedcoreml(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fedcoreml.server.cli", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=600,
+        capture_output=True, text=True, cwd=cwd, timeout=600, env=PIPED_ENV,
     )  # fmt: skip
 
 
@@ -61,7 +67,10 @@ def test_train_writes_a_model_that_scores_as_reported(tmp_path):
     assert result.returncode == 0, result.stderr
     assert_quiet(result)
     assert "epoch 1/2" in result.stdout and "epoch 2/2" in result.stdout
-    assert "600 examples" in result.stdout
+    # Piped: no colour codes, and no line cut at 80 columns.
+    assert "\x1b[" not in result.stdout + result.stderr
+    assert re.search(r"^Training default model on .*: 600 examples, 2 epoch\(s\), batch 32, "
+                     r"adam lr 0\.001$", result.stdout, re.MULTILINE), result.stdout  # fmt: skip
     reported = float(result.stdout.split("Test accuracy on 1,000 images: ")[1].split()[0])
     assert reported > 0.5
 
@@ -105,3 +114,39 @@ def test_default_model_reaches_the_mnist_target_on_real_data(tmp_path, shared_mn
     assert "5,000 examples" in result.stdout
     reported = float(result.stdout.split("Test accuracy on 10,000 images: ")[1].split()[0])
     assert reported >= 0.965
+
+
+@pytest.mark.slow
+def test_demo_output_is_plain_and_a_second_demo_never_joins_the_first(tmp_path):
+    run_dir = tmp_path / "demo"
+    args = ["demo", "--devices", "2", "--rounds", "1", "--limit", "200", "--run-dir", str(run_dir)]
+    result = fedcoreml(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "\x1b[" not in result.stdout + result.stderr
+    started = (
+        r"^coordinator on 127\.0\.0\.1:\d+; starting 2 simulated iPhones \(iid\); 1 rounds of "
+    )
+    started += "fedavg$"  # one line of 89 characters: not cut at 80 columns
+    assert re.search(started, result.stdout, re.MULTILINE), result.stdout
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    # --limit reached the devices: 200 examples, 10 % of each device's share held out.
+    assert [json.loads(line)["examples"] for line in metrics.splitlines()] == [0, 180]
+
+    again = fedcoreml(*args)
+    assert again.returncode == 2 and again.stderr.splitlines() == [
+        f"fedcoreml demo: error: {run_dir} already holds a run (run.json, metrics.jsonl); "
+        "choose a new --run-dir"
+    ]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.slow
+def test_a_demo_whose_fleet_refuses_stops_at_once_and_leaves_nothing(tmp_path):
+    run_dir = tmp_path / "demo"
+    result = fedcoreml("demo", "--devices", "2", "--partition", "halves", "--run-dir", str(run_dir))
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        "fedcoreml demo: error: the device fleet refused to start: bad partition spec 'halves'"
+    )
+    assert not run_dir.exists()

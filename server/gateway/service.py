@@ -30,6 +30,7 @@ from fedcoreml.server.gateway.errors import (
     OutOfRangeError,
     PermissionDeniedError,
 )
+from fedcoreml.server.gateway.listen import ListenError, check_listen_address
 from fedcoreml.server.gateway.sessions import Session, SessionRegistry
 from fedcoreml.server.gateway.task_board import (
     EvaluationResult,
@@ -369,8 +370,10 @@ def start_server(
     ``credentials`` (see ``gateway.tls.server_credentials``) serve TLS instead of plaintext;
     ``interceptors`` run before every call (see ``gateway.auth.DeviceAuthInterceptor``).
     Model downloads and update uploads run on ``transfer_workers`` threads of their own, the
-    other calls on ``max_workers``.
+    other calls on ``max_workers``. An address it cannot listen on raises
+    :class:`~fedcoreml.server.gateway.listen.ListenError` saying why, before anything starts.
     """
+    check_listen_address(address)
     transfers = futures.ThreadPoolExecutor(transfer_workers, thread_name_prefix="transfer")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway"),
@@ -382,15 +385,22 @@ def start_server(
             # megabytes on a fast link, and a thousand queued uploads sit in the coordinator's
             # memory before a thread reads them.
             ("grpc.http2.bdp_probe", 0),
+            # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would
+            # start without error and take half of the devices' connections.
+            ("grpc.so_reuseport", 0),
         ],
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(service, server)
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # lost a race for the port since the check, or a reason gRPC's own
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        transfers.shutdown(wait=False)
+        raise ListenError(f"cannot listen on {address}: gRPC could not bind it")
     server.start()
     return server, port

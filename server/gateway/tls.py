@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcoreml.ios_bridge.atomic_file import write_bytes_atomic
+from fedcoreml.ios_bridge.atomic_file import SECRET_FILE_MODE, write_bytes_atomic
 from fedcoreml.ios_bridge.channel import TLSConfigError, read_pem
 
 __all__ = [
@@ -124,11 +124,9 @@ def generate_test_ca(
         folder / "ca.pem", folder / "ca-key.pem", folder / "server.pem", folder / "server-key.pem"
     )
     write_bytes_atomic(paths.ca_cert, _cert_pem(ca_cert))
-    write_bytes_atomic(paths.ca_key, _key_pem(ca_key))  # atomic writes create files as 0600
+    write_bytes_atomic(paths.ca_key, _key_pem(ca_key), mode=SECRET_FILE_MODE)
     write_bytes_atomic(paths.server_cert, _cert_pem(server_cert))
-    write_bytes_atomic(paths.server_key, _key_pem(server_key))
-    for public in (paths.ca_cert, paths.server_cert):
-        os.chmod(public, 0o644)
+    write_bytes_atomic(paths.server_key, _key_pem(server_key), mode=SECRET_FILE_MODE)
     return paths
 
 

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedcoreml.ios_bridge.atomic_file import write_text_atomic
+from fedcoreml.ios_bridge.atomic_file import SECRET_FILE_MODE, write_text_atomic
 from fedcoreml.ios_bridge.channel import DEVICE_ID_RULE, valid_device_id
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 from fedcoreml.server.gateway.errors import GatewayError
@@ -183,7 +183,7 @@ class TokenStore:
             self._reload_if_changed()
             entries = list(self._entries)
             yield entries
-            write_text_atomic(self.path, _dump(entries))
+            write_text_atomic(self.path, _dump(entries), mode=SECRET_FILE_MODE)
             self._reload_if_changed()
 
     def _reload_if_changed(self) -> None:
