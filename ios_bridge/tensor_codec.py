@@ -14,13 +14,69 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedcoreml.ios_bridge.channel import DEFAULT_CHUNK_BYTES
+from fedcoreml.ios_bridge.echo import shown
 from fedcoreml.ios_bridge.errors import FedCoreMLError
-from fedcoreml.ios_bridge.parameters import ParameterInfo, check_parameters
+from fedcoreml.ios_bridge.parameters import ParameterInfo
 from fedcoreml.ios_bridge.wire import device_pb2
+
+#: Every way an update stream can be malformed: a stable key and the one wording of its message
+#: (``str.format`` fields; a client's string is shown bounded, see :mod:`~.echo`). The gateway
+#: refuses each with ``INVALID_ARGUMENT`` and lists them in its refusal table.
+UPDATE_REFUSALS: dict[str, str] = {
+    "empty_update": "empty update: no header and no tensors",
+    "no_header": "the first message must be the update header",
+    "second_header": "message {index}: a second header; send exactly one, first",
+    "empty_message": "message {index}: empty (neither header nor tensor)",
+    "unknown_tensor": "unknown tensor {name}; the model's updatable parameters are {names}",
+    "wrong_shape": "tensor {name}: expected shape {expected}, got {got}",
+    "misaligned_slice": (
+        "tensor {name}: a slice of {length} bytes at byte {offset}; slices must start on a "
+        "4-byte boundary and hold whole float32 values"
+    ),
+    "tensor_sent_twice": "tensor {name} sent twice",
+    "tensors_interleaved": (
+        "tensor {name} interleaved with {current}: send all slices of one tensor before the next"
+    ),
+    "slice_out_of_order": (
+        "tensor {name}: slice at byte {offset}, expected byte {expected} (slices must come in "
+        "order, without gaps or overlaps)"
+    ),
+    "tensor_too_long": (
+        "tensor {name}: {size} bytes for shape {shape}, which holds {needed} bytes of float32"
+    ),
+    "tensor_too_short": (
+        "tensor {name}: {size} bytes for shape {shape}, which needs {needed} bytes of float32"
+    ),
+    "non_finite_values": "tensor {name}: {count} non-finite value(s) (NaN or Inf)",
+    "missing_tensors": "missing tensor(s): {names}",
+    "tensor_count_mismatch": "the header announces {announced} tensors but {arrived} arrived",
+}
+
+_SHOWN_DIMS = 8  # dimensions of a client's shape shown in a message
 
 
 class MalformedUpdateError(FedCoreMLError):
-    """An update stream that does not match the model: the message says what and where."""
+    """An update stream that does not match the model: the message says what and where.
+
+    ``key`` names the entry of :data:`UPDATE_REFUSALS` it was raised from.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _malformed(key: str, **fields: object) -> MalformedUpdateError:
+    return MalformedUpdateError(UPDATE_REFUSALS[key].format(**fields), key)
+
+
+def _dims(shape: Iterable[int]) -> str:
+    """A shape as a list, bounded: a client may send a million dimensions."""
+    dims = list(shape)
+    if len(dims) <= _SHOWN_DIMS:
+        return str(dims)
+    head = ", ".join(str(d) for d in dims[:_SHOWN_DIMS])
+    return f"[{head}, …] ({len(dims):,} dimensions)"
 
 
 @dataclass(frozen=True)
@@ -66,101 +122,108 @@ def encode_update(
             )
 
 
+def first_header(
+    chunks: Iterable[device_pb2.UpdateChunk],
+) -> tuple[device_pb2.UpdateChunk, Iterator[device_pb2.UpdateChunk]]:
+    """The stream's first message, which must be a header, and the rest of the stream.
+
+    Lets a server check who is sending (the header's session and task) before it reads, and
+    buffers, any tensor.
+    """
+    messages = iter(chunks)
+    first = next(messages, None)
+    if first is None:
+        raise _malformed("empty_update")
+    if first.WhichOneof("part") != "header":
+        raise _malformed("no_header")
+    return first, messages
+
+
 def decode_update(
     chunks: Iterable[device_pb2.UpdateChunk], infos: list[ParameterInfo]
 ) -> tuple[UpdateHeader, list[tuple[str, np.ndarray]]]:
     """Reassemble and check an update stream against the model's parameters (``infos``).
 
-    Raises MalformedUpdateError for a missing or repeated header, an unknown, repeated, missing or
-    misshapen tensor, slices out of order or overlapping, a byte length that does not match the
-    shape, a tensor count that disagrees with the header, or non-finite values.
+    Raises MalformedUpdateError (one of :data:`UPDATE_REFUSALS`) for a missing or repeated
+    header, an unknown, repeated, missing or misshapen tensor, a slice off a 4-byte boundary or
+    out of order, interleaved tensors, a byte length that does not match the shape, a tensor
+    count that disagrees with the header, or non-finite values.
     """
+    header_msg, messages = first_header(chunks)
     expected = {info.name: info for info in infos}
-    header_msg: device_pb2.UpdateHeader | None = None
-    buffers: dict[str, bytearray] = {}
-    done: set[str] = set()
+    buffers: dict[str, bytearray] = {}  # tensors begun, in arrival order
     current: str | None = None
-    for index, chunk in enumerate(chunks):
+    for index, chunk in enumerate(messages, start=1):
         part = chunk.WhichOneof("part")
         if part == "header":
-            if header_msg is not None:
-                raise MalformedUpdateError(
-                    f"message {index}: a second header; send exactly one, first"
-                )
-            if index != 0:
-                raise MalformedUpdateError(f"message {index}: the header must be the first message")
-            header_msg = chunk.header
-            continue
-        if header_msg is None:
-            raise MalformedUpdateError("the first message must be the update header")
+            raise _malformed("second_header", index=index)
         if part != "tensor":
-            raise MalformedUpdateError(f"message {index}: empty (neither header nor tensor)")
-        t = chunk.tensor
-        info = expected.get(t.name)
-        if info is None:
-            raise MalformedUpdateError(
-                f"unknown tensor '{t.name}'; the model's updatable parameters are "
-                f"{', '.join(expected)}"
-            )
-        if tuple(t.shape) != info.shape:
-            raise MalformedUpdateError(
-                f"tensor '{t.name}': expected shape {list(info.shape)}, got {list(t.shape)}"
-            )
-        buffer = buffers.setdefault(t.name, bytearray())
-        if t.name in done or (buffer and (t.name != current or t.offset == 0)):
-            raise MalformedUpdateError(f"tensor '{t.name}' sent twice")
-        if t.offset != len(buffer):
-            raise MalformedUpdateError(
-                f"tensor '{t.name}': slice at byte {t.offset}, expected byte {len(buffer)} "
-                "(slices must come in order, without gaps or overlaps)"
-            )
-        size = 4 * info.size
-        if len(buffer) + len(t.data) > size:
-            raise MalformedUpdateError(
-                f"tensor '{t.name}': {len(buffer) + len(t.data)} bytes for shape "
-                f"{list(info.shape)}, which holds {size} bytes of float32"
-            )
-        if current is not None and current != t.name:
-            _finish(current, buffers, expected, done)
-        current = t.name
-        buffer.extend(t.data)
-    if header_msg is None:
-        raise MalformedUpdateError("empty update: no header and no tensors")
-    if current is not None:
-        _finish(current, buffers, expected, done)
-    missing = [name for name in expected if name not in done]
+            raise _malformed("empty_message", index=index)
+        _add_slice(chunk.tensor, expected, buffers, current)
+        current = chunk.tensor.name
+    for name, buffer in buffers.items():
+        needed = 4 * expected[name].size
+        if len(buffer) < needed:
+            raise _malformed(
+                "tensor_too_short", name=shown(name), size=len(buffer),
+                shape=list(expected[name].shape), needed=needed,
+            )  # fmt: skip
+    missing = [name for name in expected if name not in buffers]
     if missing:
-        raise MalformedUpdateError(f"missing tensor(s): {', '.join(missing)}")
-    if header_msg.num_tensors != len(done):
-        raise MalformedUpdateError(
-            f"the header announces {header_msg.num_tensors} tensors but {len(done)} arrived"
+        raise _malformed("missing_tensors", names=", ".join(missing))
+    if header_msg.header.num_tensors != len(buffers):
+        raise _malformed(
+            "tensor_count_mismatch", announced=header_msg.header.num_tensors, arrived=len(buffers)
         )
-    parameters = [
-        (info.name, np.frombuffer(buffers[info.name], dtype="<f4").reshape(info.shape))
-        for info in infos
-    ]
-    try:
-        check_parameters(infos, parameters)
-    except FedCoreMLError as exc:
-        raise MalformedUpdateError(str(exc)) from None
+    parameters = []
+    for info in infos:
+        value = np.frombuffer(buffers[info.name], dtype="<f4").reshape(info.shape)
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise _malformed("non_finite_values", name=shown(info.name), count=bad)
+        parameters.append((info.name, value))
+    h = header_msg.header
     header = UpdateHeader(
-        session_id=header_msg.session_id,
-        task_id=header_msg.task_id,
-        num_examples=int(header_msg.num_examples),
-        loss=float(header_msg.loss),
-        accuracy=float(header_msg.accuracy),
-        train_seconds=float(header_msg.train_seconds),
+        session_id=h.session_id,
+        task_id=h.task_id,
+        num_examples=int(h.num_examples),
+        loss=float(h.loss),
+        accuracy=float(h.accuracy),
+        train_seconds=float(h.train_seconds),
     )
     return header, parameters
 
 
-def _finish(
-    name: str, buffers: dict[str, bytearray], expected: dict[str, ParameterInfo], done: set[str]
+def _add_slice(
+    t: device_pb2.TensorChunk,
+    expected: dict[str, ParameterInfo],
+    buffers: dict[str, bytearray],
+    current: str | None,
 ) -> None:
-    size = 4 * expected[name].size
-    if len(buffers[name]) != size:
-        raise MalformedUpdateError(
-            f"tensor '{name}': {len(buffers[name])} bytes for shape "
-            f"{list(expected[name].shape)}, which needs {size} bytes of float32"
-        )
-    done.add(name)
+    """Check one tensor slice against the model and what came before; append its bytes."""
+    info = expected.get(t.name)
+    name = shown(t.name)
+    if info is None:
+        raise _malformed("unknown_tensor", name=name, names=", ".join(expected))
+    if tuple(t.shape) != info.shape:
+        raise _malformed("wrong_shape", name=name, expected=list(info.shape), got=_dims(t.shape))
+    if t.offset % 4 or len(t.data) % 4:
+        raise _malformed("misaligned_slice", name=name, length=len(t.data), offset=t.offset)
+    needed = 4 * info.size
+    buffer = buffers.get(t.name)
+    if buffer is not None and t.name != current:
+        if len(buffer) == needed:
+            raise _malformed("tensor_sent_twice", name=name)
+        raise _malformed("tensors_interleaved", name=name, current=shown(current))
+    if buffer is not None and buffer and t.offset == 0:
+        raise _malformed("tensor_sent_twice", name=name)
+    if buffer is None:
+        buffer = buffers[t.name] = bytearray()
+    if t.offset != len(buffer):
+        raise _malformed("slice_out_of_order", name=name, offset=t.offset, expected=len(buffer))
+    if len(buffer) + len(t.data) > needed:
+        raise _malformed(
+            "tensor_too_long", name=name, size=len(buffer) + len(t.data),
+            shape=list(info.shape), needed=needed,
+        )  # fmt: skip
+    buffer.extend(t.data)

@@ -52,8 +52,8 @@ def gw():
     gateway.close()
 
 
-def submit(gw, session, task_id, params=PARAMS, examples=100, loss=0.5, accuracy=0.5):
-    header = UpdateHeader(session, task_id, examples, loss, accuracy, 1.0)
+def submit(gw, session, task_id, params=PARAMS, examples=100, loss=0.5, accuracy=0.5, seconds=1.0):
+    header = UpdateHeader(session, task_id, examples, loss, accuracy, seconds)
     return gw.stub.SubmitUpdate(encode_update(header, params))
 
 
@@ -95,7 +95,7 @@ def _nan_params():
         ("unknown session", "NOT_FOUND", "unknown or expired session"),
         ("unknown task", "NOT_FOUND", "unknown task id"),
         ("another device's task", "PERMISSION_DENIED", "was given to another device"),
-        ("evaluate task", "FAILED_PRECONDITION", "is a evaluate task, not a train task"),
+        ("evaluate task", "FAILED_PRECONDITION", "is an evaluate task, not a train task"),
         ("closed round", "FAILED_PRECONDITION", "is closed (round closed)"),
         ("submitted twice", "FAILED_PRECONDITION", "was already submitted"),
         ("unchanged model", "INVALID_ARGUMENT", "unchanged: nothing was trained"),
@@ -106,6 +106,7 @@ def _nan_params():
         ("absurd examples", "INVALID_ARGUMENT", "is implausible"),
         ("NaN loss", "INVALID_ARGUMENT", "loss must be a finite"),
         ("accuracy 1.5", "INVALID_ARGUMENT", "accuracy must lie in [0, 1]"),
+        ("negative seconds", "INVALID_ARGUMENT", "train_seconds must be a finite, non-negative"),
     ],
 )
 def test_bad_submissions_are_refused_and_leave_the_task_untouched(gw, case, code, message):
@@ -141,6 +142,8 @@ def test_bad_submissions_are_refused_and_leave_the_task_untouched(gw, case, code
         extra = {"loss": float("nan")}
     elif case == "accuracy 1.5":
         extra = {"accuracy": 1.5}
+    elif case == "negative seconds":
+        extra = {"seconds": -1.0}
     got_code, details = status_of(lambda: submit(gw, sender, task_id, params, **extra))
     assert got_code.name == code and message in details
     state = gw.board._tasks.get(task.task_id)

@@ -32,8 +32,10 @@ from typing import Any
 import grpc
 
 from fedcoreml.ios_bridge.channel import AUTHORIZATION_KEY, RETRY_AFTER_KEY
+from fedcoreml.ios_bridge.echo import capped, shown
 from fedcoreml.ios_bridge.wire import device_pb2
 from fedcoreml.server.gateway.errors import GatewayError
+from fedcoreml.server.gateway.refusals import RATE_LIMITED
 from fedcoreml.server.gateway.tokens import TokenStore
 
 __all__ = [
@@ -132,25 +134,32 @@ class DeviceAuthInterceptor(grpc.ServerInterceptor):
         """The caller's device id, or abort the call (unauthenticated or over its rate)."""
         try:
             device_id = self.tokens.verify(_bearer_token(metadata))
+            if self.rate_limiter is not None:
+                wait_s = self.rate_limiter.acquire(device_id)
+                if wait_s > 0:
+                    retry_ms = max(1, math.ceil(wait_s * 1000))
+                    context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_ms)),))
+                    raise RATE_LIMITED.error(
+                        rate=f"{self.rate_limiter.rate_per_s:g}",
+                        burst=self.rate_limiter.burst,
+                        retry_ms=retry_ms,
+                    )
         except GatewayError as exc:
-            log.info("%s refused (%s) for %s: %s", rpc, exc.code, context.peer(), exc)
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        if self.rate_limiter is not None:
-            wait_s = self.rate_limiter.acquire(device_id)
-            if wait_s > 0:
-                retry_ms = max(1, math.ceil(wait_s * 1000))
-                log.info("%s from %s throttled; retry after %d ms", rpc, device_id, retry_ms)
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_ms)),))
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"rate limit of {self.rate_limiter.rate_per_s:g} calls/s (burst "
-                    f"{self.rate_limiter.burst}) exceeded; retry after {retry_ms} ms",
-                )
+            details = capped(str(exc))  # one line, well under gRPC's metadata limit
+            log.info(
+                "%s refused (%s %s) for %s: %s",
+                rpc, exc.code, exc.key, shown(context.peer()), details,
+            )  # fmt: skip
+            context.abort(getattr(grpc.StatusCode, exc.code), details)
         return device_id
 
 
 def _bearer_token(metadata: Sequence[Any]) -> str | None:
-    """The token of an ``authorization: Bearer <token>`` entry, or None."""
+    """The token of the first ``authorization: Bearer <token>`` entry, or None.
+
+    The key and the scheme are matched case-insensitively; whitespace around the value and
+    between scheme and token is ignored. protos/README.md documents these forms.
+    """
     for key, value in metadata:
         if key.lower() != AUTHORIZATION_KEY or not isinstance(value, str):
             continue

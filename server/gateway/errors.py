@@ -1,4 +1,4 @@
-"""Refusals of device requests, each carrying the gRPC status it maps to."""
+"""The exception a gateway refusal travels as, from where it is found to the gRPC status."""
 
 from __future__ import annotations
 
@@ -6,27 +6,13 @@ from fedcoreml.ios_bridge.errors import FedCoreMLError
 
 
 class GatewayError(FedCoreMLError):
-    """A request the gateway refuses. ``code`` is a ``grpc.StatusCode`` member name."""
+    """A request the gateway refuses.
 
-    code = "INVALID_ARGUMENT"
+    ``code`` is a ``grpc.StatusCode`` member name; ``key`` names the row of the refusal table
+    (:mod:`fedcoreml.server.gateway.refusals`) the error was raised from.
+    """
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT", key: str = "") -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class NotFoundError(GatewayError):
-    code = "NOT_FOUND"
-
-
-class PermissionDeniedError(GatewayError):
-    code = "PERMISSION_DENIED"
-
-
-class FailedPreconditionError(GatewayError):
-    code = "FAILED_PRECONDITION"
-
-
-class OutOfRangeError(GatewayError):
-    code = "OUT_OF_RANGE"
+        self.code = code
+        self.key = key

@@ -20,16 +20,14 @@ import grpc
 import numpy as np
 
 from fedcoreml.ios_bridge.channel import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from fedcoreml.ios_bridge.echo import capped, shown
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
 from fedcoreml.ios_bridge.parameters import ParameterInfo, get_parameters
-from fedcoreml.ios_bridge.tensor_codec import MalformedUpdateError, decode_update
+from fedcoreml.ios_bridge.tensor_codec import MalformedUpdateError, decode_update, first_header
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.server.gateway import refusals
 from fedcoreml.server.gateway.auth import authenticated_device_id
-from fedcoreml.server.gateway.errors import (
-    GatewayError,
-    OutOfRangeError,
-    PermissionDeniedError,
-)
+from fedcoreml.server.gateway.errors import GatewayError
 from fedcoreml.server.gateway.listen import ListenError, check_listen_address
 from fedcoreml.server.gateway.sessions import Session, SessionRegistry
 from fedcoreml.server.gateway.task_board import (
@@ -42,7 +40,6 @@ from fedcoreml.server.gateway.task_board import (
 
 log = logging.getLogger("fedcoreml.gateway")
 
-MAX_EXAMPLES = 10_000_000  # a plausible ceiling for one device's data set
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 
 
@@ -67,20 +64,23 @@ def _check_trained(model: RoundModel, parameters: list[tuple[str, np.ndarray]]) 
     """
     shipped = _shipped_parameters(model)
     if all(np.array_equal(value, shipped[name]) for name, value in parameters):
-        raise GatewayError("the update is the model this task sent, unchanged: nothing was trained")
+        raise refusals.NOTHING_TRAINED.error()
 
 
 def _check_metrics(num_examples: int, loss: float, accuracy: float) -> None:
     if num_examples <= 0:
-        raise GatewayError(f"num_examples must be positive, got {num_examples}")
-    if num_examples > MAX_EXAMPLES:
-        raise GatewayError(
-            f"num_examples {num_examples} is implausible (more than {MAX_EXAMPLES:,})"
-        )
+        raise refusals.EXAMPLES_NOT_POSITIVE.error()
+    if num_examples > refusals.MAX_EXAMPLES:
+        raise refusals.EXAMPLES_IMPLAUSIBLE.error(value=num_examples)
     if not math.isfinite(loss) or loss < 0:
-        raise GatewayError(f"loss must be a finite, non-negative number, got {loss}")
+        raise refusals.INVALID_LOSS.error(value=loss)
     if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
-        raise GatewayError(f"accuracy must lie in [0, 1], got {accuracy}")
+        raise refusals.INVALID_ACCURACY.error(value=accuracy)
+
+
+def _check_train_seconds(seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise refusals.INVALID_TRAIN_SECONDS.error(value=seconds)
 
 
 class HandoutSchedule:
@@ -137,8 +137,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         try:
             return body()
         except GatewayError as exc:
-            log.info("%s refused (%s): %s", rpc, exc.code, exc)
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            details = capped(str(exc))  # one line, well under gRPC's metadata limit
+            log.info("%s refused (%s %s): %s", rpc, exc.code, exc.key, details)
+            context.abort(getattr(grpc.StatusCode, exc.code), details)
 
     def _session(self, session_id: str) -> Session:
         """The caller's live session, refreshed; with auth on, only one of its own device."""
@@ -148,9 +149,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         def body():
             caller = authenticated_device_id()
             if caller is not None and caller != request.device_id:
-                raise PermissionDeniedError(
-                    f"this token was issued for device {caller!r}; it cannot register as "
-                    f"{request.device_id!r:.140}"
+                raise refusals.TOKEN_FOR_OTHER_DEVICE.error(
+                    token_device=shown(caller), device_id=shown(request.device_id)
                 )
             session = self.registry.register(
                 request.device_id, request.platform, request.os_version, request.app_version
@@ -159,8 +159,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             self.board.fail_node_tasks(session.node_id, "device registered again")
             log.info(
                 "device %s registered (%s %s, app %s) as node %d",
-                request.device_id, request.platform, request.os_version,
-                request.app_version, session.node_id,
+                shown(request.device_id), shown(request.platform), shown(request.os_version),
+                shown(request.app_version), session.node_id,
             )  # fmt: skip
             return device_pb2.RegisterResponse(
                 session_id=session.session_id,
@@ -255,9 +255,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             self.registry.hold(session.node_id, task.deadline)
             data = task.model.data
             if request.offset > len(data):
-                raise OutOfRangeError(
-                    f"offset {request.offset} is past the end of the model ({len(data)} bytes)"
-                )
+                raise refusals.OFFSET_PAST_END.error(offset=request.offset, size=len(data))
             return task.model, data
 
         found = self._guarded(context, "DownloadModel", body)
@@ -274,18 +272,16 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     def SubmitUpdate(self, request_iterator, context):  # noqa: N802
         def body():
-            # Check who is sending before reading (and buffering) the tensors.
-            messages = iter(request_iterator)
-            first = next(messages, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise GatewayError("the first message must be the update header")
-            session = self._session(first.header.session_id)
-            assigned = self.board.task_for(first.header.task_id, session.node_id, "train")
             try:
+                # Check who is sending before reading (and buffering) the tensors.
+                first, messages = first_header(request_iterator)
+                session = self._session(first.header.session_id)
+                assigned = self.board.task_for(first.header.task_id, session.node_id, "train")
                 header, parameters = decode_update(itertools.chain([first], messages), self.infos)
             except MalformedUpdateError as exc:
-                raise GatewayError(str(exc)) from None
+                raise refusals.update_refusal(exc) from None
             _check_metrics(header.num_examples, header.loss, header.accuracy)
+            _check_train_seconds(header.train_seconds)
             _check_trained(assigned.model, parameters)
             task = self.board.complete(
                 header.task_id,

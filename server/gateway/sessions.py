@@ -11,11 +11,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from fedcoreml.ios_bridge.channel import DEVICE_ID_RULE, valid_device_id
-from fedcoreml.server.gateway.errors import (
-    GatewayError,
-    NotFoundError,
-    PermissionDeniedError,
+from fedcoreml.ios_bridge.channel import valid_device_id
+from fedcoreml.ios_bridge.echo import shown
+from fedcoreml.server.gateway.refusals import (
+    INVALID_DEVICE_ID,
+    MISSING_SESSION,
+    SESSION_OF_OTHER_DEVICE,
+    UNKNOWN_SESSION,
 )
 
 
@@ -47,7 +49,7 @@ class SessionRegistry:
     ) -> Session:
         """A new session for ``device_id``; one it had before is replaced (keeping its node)."""
         if not valid_device_id(device_id):
-            raise GatewayError(f"device_id must be {DEVICE_ID_RULE}, got {device_id!r:.40}")
+            raise INVALID_DEVICE_ID.error(device_id=shown(device_id))
         with self._lock:
             previous = self._by_device.get(device_id)
             if previous is not None:
@@ -76,23 +78,17 @@ class SessionRegistry:
                 return node_id
 
     def touch(self, session_id: str, device_id: str | None = None) -> Session:
-        """The live session with this id, refreshed; NotFoundError if unknown or expired.
+        """The live session with this id, refreshed; refused (NOT_FOUND) if unknown or expired.
 
         With ``device_id`` (the caller's authenticated device), a session of another device is
-        refused with PermissionDeniedError and left as it was.
+        refused (PERMISSION_DENIED) and left as it was.
         """
         with self._lock:
             session = self._by_session.get(session_id)
             if session is None or not self._is_live(session, self._clock()):
-                raise NotFoundError(
-                    "unknown or expired session; call Register again"
-                    if session_id
-                    else "session_id is missing; call Register first"
-                )
+                raise (UNKNOWN_SESSION if session_id else MISSING_SESSION).error()
             if device_id is not None and session.device_id != device_id:
-                raise PermissionDeniedError(
-                    f"this session belongs to another device, not to {device_id!r}"
-                )
+                raise SESSION_OF_OTHER_DEVICE.error(device_id=shown(device_id))
             session.last_seen = self._clock()
             return session
 

@@ -19,10 +19,14 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from fedcoreml.server.gateway.errors import (
-    FailedPreconditionError,
-    NotFoundError,
-    PermissionDeniedError,
+from fedcoreml.ios_bridge.echo import shown
+from fedcoreml.server.gateway.refusals import (
+    EVALUATION_FOR_TRAIN_TASK,
+    TASK_CLOSED,
+    TASK_OF_OTHER_DEVICE,
+    TASK_SUBMITTED,
+    UNKNOWN_TASK,
+    UPDATE_FOR_EVALUATE_TASK,
 )
 
 TaskKind = Literal["train", "evaluate"]
@@ -104,7 +108,7 @@ class TaskBoard:
         self._by_node: dict[int, dict[str, Task]] = {}  # the same tasks, oldest first per node
         # Ended tasks already handed to the coordinator, kept (bounded) so that a late or
         # repeated submission is told its round is closed rather than "unknown task".
-        self._closed: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
+        self._closed: OrderedDict[str, tuple[int, int, TaskStatus, str]] = OrderedDict()
         self._finished_model: RoundModel | None = None
         self._finished_reason = ""
         self._told_finished: set[int] = set()
@@ -205,8 +209,7 @@ class TaskBoard:
                 del mine[task.task_id]
                 if not mine:
                     del self._by_node[task.node_id]
-                reason = "already submitted" if task.status == "submitted" else task.failure
-                self._closed[task.task_id] = (task.node_id, task.round, reason)
+                self._closed[task.task_id] = (task.node_id, task.round, task.status, task.failure)
             while len(self._closed) > CLOSED_TASKS_KEPT:
                 self._closed.popitem(last=False)
             return ended
@@ -274,31 +277,18 @@ class TaskBoard:
         with self._cond:
             task = self._tasks.get(task_id)
             if task is None and task_id in self._closed:
-                owner, round_number, reason = self._closed[task_id]
-                if owner != node_id:
-                    raise PermissionDeniedError(f"task {task_id} was given to another device")
-                raise FailedPreconditionError(
-                    f"task {task_id} of round {round_number} is closed ({reason})"
-                )
+                owner, round_number, status, failure = self._closed[task_id]
+                _refuse_ended(task_id, node_id, owner, round_number, status, failure)
             if task is None:
-                raise NotFoundError(f"unknown task id {task_id!r:.40}")
+                raise UNKNOWN_TASK.error(task=shown(task_id))
             if task.node_id != node_id:
-                raise PermissionDeniedError(f"task {task_id} was given to another device")
+                raise TASK_OF_OTHER_DEVICE.error(task=shown(task_id))
             if kind is not None and task.kind != kind:
-                raise FailedPreconditionError(
-                    f"task {task_id} is a {task.kind} task, not a {kind} task"
-                )
-            if task.status == "submitted":
-                raise FailedPreconditionError(f"task {task_id} was already submitted")
-            if task.status == "failed":
-                raise FailedPreconditionError(
-                    f"task {task_id} of round {task.round} is closed ({task.failure})"
-                )
-            if self._clock() > task.deadline:
+                wrong = UPDATE_FOR_EVALUATE_TASK if kind == "train" else EVALUATION_FOR_TRAIN_TASK
+                raise wrong.error(task=shown(task_id))
+            if task.status == "pending" and self._clock() > task.deadline:
                 self._fail(task, "deadline passed")
-                raise FailedPreconditionError(
-                    f"task {task_id} of round {task.round} is closed (deadline passed)"
-                )
+            _refuse_ended(task_id, node_id, node_id, task.round, task.status, task.failure)
             return task
 
     def complete(
@@ -324,3 +314,15 @@ class TaskBoard:
         if sink is not None:
             sink.add(result)
         return task
+
+
+def _refuse_ended(
+    task_id: str, node_id: int, owner: int, round_number: int, status: TaskStatus, failure: str
+) -> None:
+    """Refuse acting on a task that is another device's or has ended; return if neither."""
+    if owner != node_id:
+        raise TASK_OF_OTHER_DEVICE.error(task=shown(task_id))
+    if status == "submitted":
+        raise TASK_SUBMITTED.error(task=shown(task_id), round=round_number)
+    if status == "failed":
+        raise TASK_CLOSED.error(task=shown(task_id), round=round_number, reason=failure)

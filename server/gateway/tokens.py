@@ -32,8 +32,13 @@ from typing import Any
 
 from fedcoreml.ios_bridge.atomic_file import SECRET_FILE_MODE, write_text_atomic
 from fedcoreml.ios_bridge.channel import DEVICE_ID_RULE, valid_device_id
+from fedcoreml.ios_bridge.echo import capped, shown
 from fedcoreml.ios_bridge.errors import FedCoreMLError
-from fedcoreml.server.gateway.errors import GatewayError
+from fedcoreml.server.gateway.refusals import (
+    MISSING_TOKEN,
+    TOKEN_STORE_UNREADABLE,
+    UNKNOWN_TOKEN,
+)
 
 __all__ = [
     "TOKENS_FILE",
@@ -86,7 +91,7 @@ def _now() -> str:
 def check_device_id(device_id: str) -> None:
     """Refuse a device id the gateway would refuse at ``Register``."""
     if not valid_device_id(device_id):
-        raise TokenError(f"device id must be {DEVICE_ID_RULE}, got {device_id!r:.40}")
+        raise TokenError(f"device id must be {DEVICE_ID_RULE}, got {shown(device_id)}")
 
 
 class TokenStore:
@@ -121,17 +126,17 @@ class TokenStore:
         ``UNAVAILABLE`` while ``tokens.json`` cannot be read (the device retries; nobody gets in).
         """
         if not secret:
-            raise GatewayError("missing bearer token", code="UNAUTHENTICATED")
+            raise MISSING_TOKEN.error()
         digest = hash_token(secret)
         with self._lock:
             try:
                 self._reload_if_changed()
             except TokenError as exc:
-                log.error("%s", exc)
-                raise GatewayError("the token store is unreadable", code="UNAVAILABLE") from None
+                log.error("%s", capped(str(exc)))
+                raise TOKEN_STORE_UNREADABLE.error() from None
             entry = self._by_hash.get(digest)
         if entry is None or entry.revoked or not hmac.compare_digest(entry.sha256, digest):
-            raise GatewayError("unknown or revoked token", code="UNAUTHENTICATED")
+            raise UNKNOWN_TOKEN.error()
         return entry.device_id
 
     # -- changes ------------------------------------------------------------------------------
@@ -219,10 +224,12 @@ def _matching(entries: list[TokenInfo], target: str) -> list[int]:
         ]
         if len(by_prefix) > 1:
             names = ", ".join(f"{entries[i].prefix} ({entries[i].device_id})" for i in by_prefix)
-            raise TokenError(f"{target!r} matches several tokens: {names}; give more characters")
+            raise TokenError(
+                f"{shown(target)} matches several tokens: {names}; give more characters"
+            )
         if by_prefix:
             return by_prefix
-    raise TokenError(f"no device or token matches {target!r} (see `fedcoreml tokens list`)")
+    raise TokenError(f"no device or token matches {shown(target)} (see `fedcoreml tokens list`)")
 
 
 def _load(path: Path) -> list[TokenInfo]:
