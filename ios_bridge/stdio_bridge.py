@@ -25,6 +25,9 @@ little-endian, Core ML layout) the way the coordinator does, for checks. When st
 calls in flight are cancelled and the bridge exits.
 
     python -m fedcoreml.ios_bridge.stdio_bridge --server 127.0.0.1:50051 [--ca-cert ca.pem]
+
+``--layout MODEL`` instead prints the model's updatable tensors (names and Core ML shapes), the
+JSON an iOS app bundles for the Swift kit's ``ModelLayout``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from google.protobuf.message import Message
 from fedcoreml.ios_bridge.channel import RETRY_AFTER_KEY, TLSConfigError, open_channel
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
 
-__all__ = ["Bridge", "main"]
+__all__ = ["Bridge", "layout", "main", "model_parameters"]
 
 #: Calls with one request message: their request type.
 UNARY_REQUESTS: dict[str, type[Message]] = {
@@ -340,14 +343,34 @@ def serve(stub: device_pb2_grpc.DeviceServiceStub, lines: TextIO, out: TextIO) -
         bridge.close()
 
 
+def layout(path: str) -> dict[str, Any]:
+    """A model's updatable tensors by name and Core ML shape: the Swift kit's ModelLayout."""
+    tensors = model_parameters(path)["tensors"]
+    return {"tensors": [{"name": t["name"], "shape": t["shape"]} for t in tensors]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedcoreml.ios_bridge.stdio_bridge",
         description="Make the device protocol's gRPC calls asked for as JSON lines on stdin.",
     )
-    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--server", metavar="HOST:PORT", help="the coordinator")
+    mode.add_argument(
+        "--layout",
+        metavar="MODEL",
+        help="print the model's updatable tensors (names, Core ML shapes) as the JSON an app "
+        "bundles for the Swift kit's ModelLayout, and exit",
+    )
     parser.add_argument("--ca-cert", help="PEM CA certificate: connect over TLS")
     args = parser.parse_args(argv)
+    if args.layout is not None:
+        try:
+            print(json.dumps(layout(args.layout), indent=1))
+        except BridgeRequestError as exc:
+            print(f"stdio_bridge: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         channel = open_channel(args.server, args.ca_cert)
     except TLSConfigError as exc:

@@ -254,3 +254,26 @@ def test_unreachable_coordinator_is_unavailable():
         assert reply["error"]["status"] == "UNAVAILABLE"
     finally:
         assert process.close() == 0
+
+
+def test_layout_lists_every_updatable_tensor_with_its_core_ml_shape(tmp_path: Path):
+    path = tmp_path / "m.mlmodel"
+    path.write_bytes(MODEL_0)
+    printed = subprocess.run(
+        [sys.executable, "-m", "fedcoreml.ios_bridge.stdio_bridge", "--layout", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=True,
+    ).stdout
+    expected = get_parameters(spec_from_bytes(MODEL_0))
+    assert json.loads(printed) == {
+        "tensors": [{"name": name, "shape": list(value.shape)} for name, value in expected]
+    }
+    missing = subprocess.run(
+        [sys.executable, "-m", "fedcoreml.ios_bridge.stdio_bridge", "--layout", "none.mlmodel"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert missing.returncode == 2 and "no such model file" in missing.stderr

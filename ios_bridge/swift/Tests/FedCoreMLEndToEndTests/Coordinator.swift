@@ -32,9 +32,14 @@ struct CoordinatorError: Error, CustomStringConvertible {
 /// Runs `python -m fedcoreml.server.cli ARGS` to completion, for setup steps.
 @discardableResult
 func runFedcoreml(_ arguments: [String]) throws -> String {
+    try runPython(module: "fedcoreml.server.cli", arguments)
+}
+
+/// Runs `python -m MODULE ARGS` to completion; its output (stdout and stderr).
+func runPython(module: String, _ arguments: [String]) throws -> String {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = [pythonInterpreter, "-m", "fedcoreml.server.cli"] + arguments
+    process.arguments = [pythonInterpreter, "-m", module] + arguments
     let output = Pipe()
     process.standardOutput = output
     process.standardError = output
@@ -43,7 +48,7 @@ func runFedcoreml(_ arguments: [String]) throws -> String {
     process.waitUntilExit()
     guard process.terminationStatus == 0 else {
         throw CoordinatorError(
-            description: "fedcoreml \(arguments.joined(separator: " ")) failed:\n\(text)")
+            description: "python -m \(module) \(arguments.joined(separator: " ")) failed:\n\(text)")
     }
     return text
 }

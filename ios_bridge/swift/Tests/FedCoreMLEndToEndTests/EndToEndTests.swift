@@ -97,6 +97,15 @@ struct EndToEndTests {
         print("e2e: download offsets \(offsets0) (cut) and \(transports[1].recordedOffsets) (corrupted); "
               + "\(waits) Wait answers honoured")
 
+        // The layout an app bundles (the layout tool's JSON) names every tensor the coordinator
+        // reads from its model, with the same shapes.
+        let printed = try runPython(
+            module: "fedcoreml.ios_bridge.stdio_bridge", ["--layout", coordinator.model(round: 0)])
+        let layout = try JSONDecoder().decode(ModelLayout.self, from: Data(printed.utf8))
+        let initial = try await bridge.transport.modelParameters(path: coordinator.model(round: 0))
+        #expect(layout.tensors.map { $0.name } == initial.map(\.name))
+        #expect(layout.tensors.map { $0.shape } == initial.map(\.shape))
+
         // Every round's model is the examples-weighted mean of the updates the agents sent.
         let metrics = try coordinator.metrics()
         for round in 1...2 {
