@@ -56,7 +56,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "another device's session": ("PERMISSION_DENIED", "another device"),
     "download past the end": ("OUT_OF_RANGE", "past the end"),
     "download another device's model": ("PERMISSION_DENIED", "was given to another device"),
-    "stale round": ("FAILED_PRECONDITION", "is closed"),
+    "stale round": ("FAILED_PRECONDITION", "was already submitted"),  # an earlier round's task
     "replayed submission": ("FAILED_PRECONDITION", "already submitted"),
     "unchanged model (no training)": ("INVALID_ARGUMENT", "nothing was trained"),
     "update for an evaluate task": ("FAILED_PRECONDITION", "is an evaluate task, not a train"),
