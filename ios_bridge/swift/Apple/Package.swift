@@ -10,7 +10,7 @@ let package = Package(
     // grpc-swift 2 and its generated stubs need iOS 18 / macOS 15.
     platforms: [.iOS(.v18), .macOS(.v15)],
     products: [
-        .library(name: "FedCoreMLApple", targets: ["FedCoreMLApple"]),
+        .library(name: "FedCoreMLApple", targets: ["FedCoreMLApple"])
     ],
     dependencies: [
         .package(path: ".."),  // the core package (its directory, and so its identity: "swift")

@@ -19,7 +19,11 @@ public struct SystemClock: AgentClock {
     public func now() -> Duration { ContinuousClock.now - origin }
 
     public func sleep(for duration: Duration) async throws {
-        if duration > .zero { try await Task.sleep(for: duration) } else { try Task.checkCancellation() }
+        if duration > .zero {
+            try await Task.sleep(for: duration)
+        } else {
+            try Task.checkCancellation()
+        }
     }
 }
 

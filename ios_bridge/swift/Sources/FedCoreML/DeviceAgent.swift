@@ -56,7 +56,8 @@ public actor DeviceAgent {
         self.eligibility = eligibility
         self.clock = clock
         self.onEvent = onEvent
-        random = configuration.jitterSeed.map { SeededRandom(seed: $0) }
+        random =
+            configuration.jitterSeed.map { SeededRandom(seed: $0) }
             ?? SeededRandom(seed: configuration.deviceId)
     }
 
@@ -186,9 +187,10 @@ public actor DeviceAgent {
     private func writeModelFile(_ data: Data, taskId: String) throws -> URL {
         let directory = configuration.modelDirectory
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        let safe = String(taskId.unicodeScalars.map {
-            CharacterSet.alphanumerics.contains($0) ? Character($0) : "_"
-        }.prefix(64))
+        let safe = String(
+            taskId.unicodeScalars.map {
+                CharacterSet.alphanumerics.contains($0) ? Character($0) : "_"
+            }.prefix(64))
         let file = directory.appendingPathComponent("\(configuration.deviceId)-\(safe).mlmodel")
         try data.write(to: file, options: .atomic)
         return file

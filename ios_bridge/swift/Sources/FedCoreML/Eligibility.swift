@@ -31,8 +31,10 @@ public struct EligibilityRule: Sendable, Equatable {
     /// 0...1; a device with an unknown (negative) level passes only if this is 0.
     public var minimumBattery: Float
 
-    public init(requireCharging: Bool = true, requireUnmeteredNetwork: Bool = true,
-                minimumBattery: Float = 0) {
+    public init(
+        requireCharging: Bool = true, requireUnmeteredNetwork: Bool = true,
+        minimumBattery: Float = 0
+    ) {
         self.requireCharging = requireCharging
         self.requireUnmeteredNetwork = requireUnmeteredNetwork
         self.minimumBattery = minimumBattery

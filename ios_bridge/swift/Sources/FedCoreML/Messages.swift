@@ -559,8 +559,9 @@ public struct SubmitEvaluationRequest: ProtoMessage {
     public var accuracy: Float = 0
 
     public init() {}
-    public init(sessionId: String, taskId: String, numExamples: UInt64, loss: Float, accuracy: Float)
-    {
+    public init(
+        sessionId: String, taskId: String, numExamples: UInt64, loss: Float, accuracy: Float
+    ) {
         self.sessionId = sessionId
         self.taskId = taskId
         self.numExamples = numExamples

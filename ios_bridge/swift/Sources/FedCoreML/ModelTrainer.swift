@@ -12,8 +12,10 @@ public struct TrainResult: Sendable, Equatable {
     public var accuracy: Float
     public var seconds: Float
 
-    public init(tensors: [NamedTensor], numExamples: Int, loss: Float, accuracy: Float,
-                seconds: Float) {
+    public init(
+        tensors: [NamedTensor], numExamples: Int, loss: Float, accuracy: Float,
+        seconds: Float
+    ) {
         self.tensors = tensors
         self.numExamples = numExamples
         self.loss = loss

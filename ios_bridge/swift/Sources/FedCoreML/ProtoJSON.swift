@@ -29,7 +29,9 @@ extension ProtoMessage {
     public func jsonData() throws -> Data { try JSONEncoder().encode(self) }
 
     /// A message read from the proto3 JSON mapping.
-    public init(jsonData: Data) throws { self = try JSONDecoder().decode(Self.self, from: jsonData) }
+    public init(jsonData: Data) throws {
+        self = try JSONDecoder().decode(Self.self, from: jsonData)
+    }
 }
 
 /// A JSON object key: a field's JSON name or its proto name.

@@ -13,10 +13,14 @@ public struct RetryPolicy: Sendable, Equatable {
     public var rpcTimeout: Duration
 
     /// Throws ``ProtocolError`` naming the first duration that is not positive.
-    public init(initialBackoff: Duration = .milliseconds(500), maxBackoff: Duration = .seconds(30),
-                giveUpAfter: Duration = .seconds(300), rpcTimeout: Duration = .seconds(60)) throws {
-        for (name, value) in [("initialBackoff", initialBackoff), ("maxBackoff", maxBackoff),
-                              ("giveUpAfter", giveUpAfter), ("rpcTimeout", rpcTimeout)]
+    public init(
+        initialBackoff: Duration = .milliseconds(500), maxBackoff: Duration = .seconds(30),
+        giveUpAfter: Duration = .seconds(300), rpcTimeout: Duration = .seconds(60)
+    ) throws {
+        for (name, value) in [
+            ("initialBackoff", initialBackoff), ("maxBackoff", maxBackoff),
+            ("giveUpAfter", giveUpAfter), ("rpcTimeout", rpcTimeout),
+        ]
         where value <= .zero {
             throw ProtocolError("RetryPolicy.\(name) must be > 0, got \(value)")
         }
@@ -44,8 +48,10 @@ struct Backoff {
     }
 
     /// The delay before the next try, or ``GaveUpError`` once failing has lasted too long.
-    mutating func nextDelay(now: Duration, what: String, refusal: RefusedError,
-                            random: inout SeededRandom) throws -> Duration {
+    mutating func nextDelay(
+        now: Duration, what: String, refusal: RefusedError,
+        random: inout SeededRandom
+    ) throws -> Duration {
         if firstFailure == nil { firstFailure = now }
         let failingFor = now - firstFailure!
         let left = policy.giveUpAfter - failingFor

@@ -53,7 +53,8 @@ public struct SHA256Digest: ~Copyable {
             bytes = Array(bytes.prefix(Int(length)))
         #endif
         let hex = Array("0123456789abcdef".utf8)
-        return String(decoding: bytes.flatMap { [hex[Int($0 >> 4)], hex[Int($0 & 15)]] }, as: UTF8.self)
+        return String(
+            decoding: bytes.flatMap { [hex[Int($0 >> 4)], hex[Int($0 & 15)]] }, as: UTF8.self)
     }
 
     /// The hex SHA-256 of `data`.

@@ -19,7 +19,8 @@ public struct UpdateMessages: AsyncSequence, Sequence, Sendable {
     /// multiple of 4 (slices hold whole float32 values).
     public init(header: UpdateHeader, tensors: [NamedTensor], chunkBytes: Int) throws {
         guard chunkBytes >= 4, chunkBytes % 4 == 0 else {
-            throw TensorError("chunk size must be a positive multiple of 4 bytes, got \(chunkBytes)")
+            throw TensorError(
+                "chunk size must be a positive multiple of 4 bytes, got \(chunkBytes)")
         }
         var names = Set<String>()
         for tensor in tensors where !names.insert(tensor.name).inserted {

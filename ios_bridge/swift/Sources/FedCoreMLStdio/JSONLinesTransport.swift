@@ -76,9 +76,10 @@ public final class JSONLinesTransport: DeviceTransport, @unchecked Sendable {
                 if case .cancelled = termination { cancel(id) }
             }
             do {
-                try send(CallLine(
-                    id: id, call: RPC.downloadModel.rawValue, request: request,
-                    metadata: Self.metadata(options), timeoutMs: Self.millis(options)))
+                try send(
+                    CallLine(
+                        id: id, call: RPC.downloadModel.rawValue, request: request,
+                        metadata: Self.metadata(options), timeoutMs: Self.millis(options)))
             } catch {
                 finish(id)
                 continuation.finish(throwing: error)
@@ -92,9 +93,10 @@ public final class JSONLinesTransport: DeviceTransport, @unchecked Sendable {
         let reply = Reply()
         let id = openUnary(reply)
         return try await withTaskCancellationHandler {
-            try send(CallLine<RegisterRequest>(
-                id: id, call: RPC.submitUpdate.rawValue, metadata: Self.metadata(options),
-                timeoutMs: Self.millis(options)))
+            try send(
+                CallLine<RegisterRequest>(
+                    id: id, call: RPC.submitUpdate.rawValue, metadata: Self.metadata(options),
+                    timeoutMs: Self.millis(options)))
             do {
                 for try await chunk in chunks {
                     if reply.isResolved { break }  // answered early (refused): stop sending
@@ -146,9 +148,10 @@ public final class JSONLinesTransport: DeviceTransport, @unchecked Sendable {
         let reply = Reply()
         let id = openUnary(reply)
         return try await withTaskCancellationHandler {
-            try send(CallLine(
-                id: id, call: rpc.rawValue, request: request, metadata: Self.metadata(options),
-                timeoutMs: Self.millis(options)))
+            try send(
+                CallLine(
+                    id: id, call: rpc.rawValue, request: request, metadata: Self.metadata(options),
+                    timeoutMs: Self.millis(options)))
             return try decodeResponse(await reply.value(), rpc)
         } onCancel: {
             cancel(id)
@@ -284,7 +287,9 @@ public final class JSONLinesTransport: DeviceTransport, @unchecked Sendable {
     }
 
     private static func cancelledLine(_ id: Int) -> Data {
-        Data(#"{"id":\#(id),"error":{"status":"CANCELLED","message":"cancelled by the caller"}}"#.utf8)
+        Data(
+            #"{"id":\#(id),"error":{"status":"CANCELLED","message":"cancelled by the caller"}}"#
+                .utf8)
     }
 
     private static func errorLine(_ message: String) -> Data {

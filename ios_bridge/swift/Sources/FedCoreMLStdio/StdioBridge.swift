@@ -39,7 +39,8 @@
             do {
                 try process.run()
             } catch {
-                throw BridgeError("cannot start \(interpreter) -m fedcoreml.ios_bridge.stdio_bridge: \(error)")
+                throw BridgeError(
+                    "cannot start \(interpreter) -m fedcoreml.ios_bridge.stdio_bridge: \(error)")
             }
             let transport = JSONLinesTransport(
                 input: replies.fileHandleForReading, output: requests.fileHandleForWriting)

@@ -66,8 +66,11 @@ final class Coordinator: @unchecked Sendable {
         self.runDirectory = runDirectory
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments =
-            [pythonInterpreter, "-m", "fedcoreml.server.cli", "server", "--listen", "127.0.0.1:0",
-             "--run-dir", runDirectory.path] + arguments
+            [
+                pythonInterpreter, "-m", "fedcoreml.server.cli", "server", "--listen",
+                "127.0.0.1:0",
+                "--run-dir", runDirectory.path,
+            ] + arguments
         let output = Pipe()
         process.standardOutput = output
         process.standardError = output

@@ -105,7 +105,9 @@ final class FaultyTransport: DeviceTransport, @unchecked Sendable {
                 do {
                     for try await chunk in base.downloadModel(request, options: options) {
                         var chunk = chunk
-                        if corrupt && chunk.offset == 0 { chunk.data[chunk.data.startIndex] ^= 0xFF }
+                        if corrupt && chunk.offset == 0 {
+                            chunk.data[chunk.data.startIndex] ^= 0xFF
+                        }
                         continuation.yield(chunk)
                         if cut {  // the connection drops after the first chunk
                             throw RefusedError(
@@ -190,7 +192,8 @@ func compareWithWeightedMean(
             guard let sent = update.tensors.first(where: { $0.name == tensor.name }),
                 sent.shape == tensor.shape
             else {
-                throw CoordinatorError(description: "no update tensor \(tensor.name) \(tensor.shape)")
+                throw CoordinatorError(
+                    description: "no update tensor \(tensor.name) \(tensor.shape)")
             }
             let weight = Double(update.numExamples)
             for i in sent.values.indices { sum[i] += weight * Double(sent.values[i]) }
@@ -199,8 +202,9 @@ func compareWithWeightedMean(
             let expected = Float(sum[i] / total)
             let got = tensor.values[i]
             if expected == got { continue }
-            let ulps = abs(Int(Int32(bitPattern: expected.bitPattern))
-                           - Int(Int32(bitPattern: got.bitPattern)))
+            let ulps = abs(
+                Int(Int32(bitPattern: expected.bitPattern))
+                    - Int(Int32(bitPattern: got.bitPattern)))
             maxUlps = max(maxUlps, expected.sign == got.sign ? ulps : Int.max)
         }
         compared += sum.count

@@ -13,7 +13,9 @@ import Testing
     }
 
     @Test func aTensorMustFillItsShape() throws {
-        #expect(throws: TensorError.self) { try NamedTensor(name: "b", shape: [3], values: [1, 2]) }
+        #expect(throws: TensorError.self) {
+            try NamedTensor(name: "b", shape: [3], values: [1, 2])
+        }
         #expect(throws: TensorError.self) { try NamedTensor(name: "", shape: [1], values: [1]) }
         #expect(throws: TensorError.self) { try NamedTensor(name: "w", shape: [-1], values: []) }
         let scalar = try NamedTensor(name: "s", shape: [], values: [4])
@@ -26,7 +28,8 @@ import Testing
         let header = UpdateHeader(
             sessionId: "s", taskId: "t", numExamples: 120, loss: 0.5, accuracy: 0.75,
             trainSeconds: 1, numTensors: 0)
-        let messages = Array(try UpdateMessages(header: header, tensors: tensors, chunkBytes: chunkBytes))
+        let messages = Array(
+            try UpdateMessages(header: header, tensors: tensors, chunkBytes: chunkBytes))
 
         guard case .header(let sent)? = messages.first?.part else {
             Issue.record("the first message is not the header")
@@ -63,11 +66,16 @@ import Testing
     }
 
     @Test func anEmptyTensorIsSentOnceAsAnEmptySlice() throws {
-        let messages = Array(try UpdateMessages(
-            header: UpdateHeader(), tensors: [try NamedTensor(name: "e", shape: [0], values: [])],
-            chunkBytes: 8))
+        let messages = Array(
+            try UpdateMessages(
+                header: UpdateHeader(),
+                tensors: [try NamedTensor(name: "e", shape: [0], values: [])],
+                chunkBytes: 8))
         #expect(messages.count == 2)
-        #expect(messages.last == UpdateChunk(.tensor(TensorChunk(name: "e", shape: [0], offset: 0, data: Data()))))
+        #expect(
+            messages.last
+                == UpdateChunk(.tensor(TensorChunk(name: "e", shape: [0], offset: 0, data: Data())))
+        )
     }
 
     @Test func chunkSizesThatSplitAFloatAndRepeatedNamesAreRefused() throws {
@@ -78,7 +86,8 @@ import Testing
             }
         }
         #expect(throws: TensorError.self) {
-            try UpdateMessages(header: UpdateHeader(), tensors: tensors + [tensors[0]], chunkBytes: 8)
+            try UpdateMessages(
+                header: UpdateHeader(), tensors: tensors + [tensors[0]], chunkBytes: 8)
         }
     }
 

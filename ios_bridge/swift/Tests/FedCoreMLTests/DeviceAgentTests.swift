@@ -60,10 +60,12 @@ import Testing
         let stats = try await makeAgent(fake, trainer: trainer, clock: TestClock(), log: log).run()
 
         #expect(fake.downloadOffsets.map(\.offset) == [0, UInt64(fake.downloadChunk)])
-        #expect(log.events.contains(.downloadStarted(taskId: "t1", offset: UInt64(fake.downloadChunk))))
+        #expect(
+            log.events.contains(.downloadStarted(taskId: "t1", offset: UInt64(fake.downloadChunk))))
         #expect(log.events.contains(.modelVerified(taskId: "t1", bytes: model.count)))
         #expect(trainer.trainedFiles.map(\.sha256) == [SHA256Digest.hex(of: model)])
-        #expect(stats.tasksTrained == 1 && stats.retries == 1 && stats.refusals == ["UNAVAILABLE": 1])
+        #expect(
+            stats.tasksTrained == 1 && stats.retries == 1 && stats.refusals == ["UNAVAILABLE": 1])
         #expect(log.sleeps.map(\.1) == [.backoff])
     }
 
@@ -102,7 +104,8 @@ import Testing
         let task = GetTaskResponse(.train(TrainTask(taskId: "t1", round: 1, model: ref)))
         let fake = FakeTransport(script: [task], models: ["t1": model])
         let log = EventLog()
-        let agent = makeAgent(fake, trainer: FixedTrainer(tensors: []), clock: TestClock(), log: log)
+        let agent = makeAgent(
+            fake, trainer: FixedTrainer(tensors: []), clock: TestClock(), log: log)
         try await agent.register()
         await #expect(throws: ModelVerificationError.self) {
             try await agent.downloadModel(taskId: "t1", ref: ref)
@@ -262,10 +265,15 @@ import Testing
         #expect(fake.registrations[0].capabilities.charging == false)
         #expect(fake.getTaskRequests.allSatisfy { $0.capabilities.charging })
         #expect(fake.getTaskRequests.first?.capabilities.batteryLevel == 0.4)
-        #expect(EligibilityRule(minimumBattery: 0.5).refusal(DeviceCapabilities(
-            charging: true, unmeteredNetwork: true, batteryLevel: 0.3)) == "battery at 0.3")
-        #expect(EligibilityRule().refusal(DeviceCapabilities(
-            charging: true, unmeteredNetwork: false, batteryLevel: 1)) == "not on an unmetered network")
+        #expect(
+            EligibilityRule(minimumBattery: 0.5).refusal(
+                DeviceCapabilities(
+                    charging: true, unmeteredNetwork: true, batteryLevel: 0.3)) == "battery at 0.3")
+        #expect(
+            EligibilityRule().refusal(
+                DeviceCapabilities(
+                    charging: true, unmeteredNetwork: false, batteryLevel: 1))
+                == "not on an unmetered network")
     }
 
     @Test func cancellationMidSubmissionCutsTheStreamAndSubmitsNothing() async throws {
@@ -317,9 +325,11 @@ import Testing
             }
         }
         let fake = FakeTransport(
-            script: [trainTask("t1", model), evaluateTask("e1", model)], models: ["t1": model, "e1": model])
+            script: [trainTask("t1", model), evaluateTask("e1", model)],
+            models: ["t1": model, "e1": model])
         let log = EventLog()
-        let stats = try await makeAgent(fake, trainer: Quitter(), clock: TestClock(), log: log).run()
+        let stats = try await makeAgent(fake, trainer: Quitter(), clock: TestClock(), log: log)
+            .run()
         #expect(stats.failures == 2 && stats.finished)
         #expect(log.dropped.map(\.reason) == ["battery dropped below 20 %", "no held-out data"])
     }

@@ -135,12 +135,14 @@ final class FakeTransport: DeviceTransport, @unchecked Sendable {
                 var offset = Int(request.offset)
                 while offset < model.count {
                     let end = min(offset + downloadChunk, model.count)
-                    continuation.yield(ModelChunk(
-                        offset: UInt64(offset), data: model.subdata(in: offset..<end),
-                        totalSize: UInt64(model.count), sha256: digest))
+                    continuation.yield(
+                        ModelChunk(
+                            offset: UInt64(offset), data: model.subdata(in: offset..<end),
+                            totalSize: UInt64(model.count), sha256: digest))
                     offset = end
                     if cut {
-                        throw RefusedError(.downloadModel, .unavailable, "injected: connection lost")
+                        throw RefusedError(
+                            .downloadModel, .unavailable, "injected: connection lost")
                     }
                 }
                 continuation.finish()
@@ -225,7 +227,8 @@ final class FakeTransport: DeviceTransport, @unchecked Sendable {
             sizes.append(slice.data.count)
         }
         guard header.numTensors == UInt32(order.count) else {
-            throw refuse("the header announces \(header.numTensors) tensors but \(order.count) arrived")
+            throw refuse(
+                "the header announces \(header.numTensors) tensors but \(order.count) arrived")
         }
         for name in order {
             let shape = tensors[name]!.shape

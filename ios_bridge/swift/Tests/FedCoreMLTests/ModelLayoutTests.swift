@@ -19,10 +19,14 @@ private let defaultModelLayout = Data(
         let layout = try JSONDecoder().decode(ModelLayout.self, from: defaultModelLayout)
         #expect(layout.tensors.count == 8)
         #expect(layout.tensors.reduce(0) { $0 + $1.count } == 585_958)
-        #expect(layout.tensors.map { $0.layer } == [
-            "conv1", "conv1", "conv2", "conv2", "hidden1", "hidden1", "hidden2", "hidden2",
-        ])
-        #expect(layout.tensors.map { $0.isBias } == [false, true, false, true, false, true, false, true])
+        #expect(
+            layout.tensors.map { $0.layer } == [
+                "conv1", "conv1", "conv2", "conv2", "hidden1", "hidden1", "hidden2", "hidden2",
+            ])
+        #expect(
+            layout.tensors.map { $0.isBias } == [
+                false, true, false, true, false, true, false, true,
+            ])
         let again = try JSONDecoder().decode(ModelLayout.self, from: JSONEncoder().encode(layout))
         #expect(again == layout)
     }
@@ -45,7 +49,8 @@ private let defaultModelLayout = Data(
         let layout = try ModelLayout(tensors: [entry])
         let values = (0..<5000).map { Float($0) }
         // The declared shape, or a flat view of the same values: accepted, in the declared shape.
-        #expect(try layout.tensor(entry, values: values, reportedShape: [10, 500]).shape == [10, 500])
+        #expect(
+            try layout.tensor(entry, values: values, reportedShape: [10, 500]).shape == [10, 500])
         #expect(try layout.tensor(entry, values: values, reportedShape: [5000]).shape == [10, 500])
         // Transposed, or the wrong number of values: refused, saying what differs.
         let transposed = #expect(throws: TensorError.self) {

@@ -72,8 +72,9 @@ final class FixedTrainer: ModelTrainer, @unchecked Sendable {
     func train(modelFile: URL, task: TrainTask) async throws -> TrainResult {
         let digest = SHA256Digest.hex(of: try Data(contentsOf: modelFile))
         lock.withLock { trainedFiles.append((task.taskId, digest, modelFile)) }
-        return TrainResult(tensors: tensors, numExamples: 120, loss: loss, accuracy: 0.75,
-                           seconds: 0.25)
+        return TrainResult(
+            tensors: tensors, numExamples: 120, loss: loss, accuracy: 0.75,
+            seconds: 0.25)
     }
 
     func evaluate(modelFile: URL, task: EvaluateTask) async throws -> EvaluationResult {
@@ -106,15 +107,20 @@ func modelRef(_ model: Data, version: UInt64 = 0) -> ModelRef {
 }
 
 func trainTask(_ id: String, _ model: Data, round: UInt32 = 1) -> GetTaskResponse {
-    GetTaskResponse(.train(TrainTask(
-        taskId: id, round: round, model: modelRef(model, version: UInt64(round - 1)),
-        config: TrainConfig(epochs: 1, batchSize: 16, learningRate: 0.001), deadlineMs: 60_000)))
+    GetTaskResponse(
+        .train(
+            TrainTask(
+                taskId: id, round: round, model: modelRef(model, version: UInt64(round - 1)),
+                config: TrainConfig(epochs: 1, batchSize: 16, learningRate: 0.001),
+                deadlineMs: 60_000)))
 }
 
 func evaluateTask(_ id: String, _ model: Data, round: UInt32 = 1) -> GetTaskResponse {
-    GetTaskResponse(.evaluate(EvaluateTask(
-        taskId: id, round: round, model: modelRef(model, version: UInt64(round)),
-        deadlineMs: 60_000)))
+    GetTaskResponse(
+        .evaluate(
+            EvaluateTask(
+                taskId: id, round: round, model: modelRef(model, version: UInt64(round)),
+                deadlineMs: 60_000)))
 }
 
 func waitAnswer(_ millis: UInt32) -> GetTaskResponse {

@@ -44,9 +44,11 @@
         /// `layout`: the model's updatable tensors (the JSON `stdio_bridge --layout` prints);
         /// `probabilities`: the model output holding class probabilities ("output" for the
         /// default model); `progress` is told the fraction of epochs done.
-        public init(layout: ModelLayout, samples: any TrainingSamples,
-                    probabilities: String = "output",
-                    progress: (@Sendable (Double) -> Void)? = nil) {
+        public init(
+            layout: ModelLayout, samples: any TrainingSamples,
+            probabilities: String = "output",
+            progress: (@Sendable (Double) -> Void)? = nil
+        ) {
             self.layout = layout
             self.samples = samples
             self.probabilities = probabilities
@@ -121,8 +123,10 @@
                             case .completed: once.resume(.success(context))
                             case .cancelling: once.resume(.failure(CancellationError()))
                             default:
-                                once.resume(.failure(context.task.error
-                                    ?? TaskAbandonedError("Core ML's update task failed")))
+                                once.resume(
+                                    .failure(
+                                        context.task.error
+                                            ?? TaskAbandonedError("Core ML's update task failed")))
                             }
                         })
                     do {
@@ -150,8 +154,9 @@
             var loss = 0.0
             var correct = 0
             for index in 0..<outputs.count {
-                guard let scores = outputs.features(at: index)
-                    .featureValue(for: probabilities)?.multiArrayValue
+                guard
+                    let scores = outputs.features(at: index)
+                        .featureValue(for: probabilities)?.multiArrayValue
                 else { throw TaskAbandonedError("the model has no output '\(probabilities)'") }
                 let values = floats(scores)
                 let label = labels?[index] ?? trueClass(inputs.features(at: index))

@@ -19,7 +19,9 @@ private final class Seen: @unchecked Sendable {
 
     func count(_ key: String) { lock.withLock { values[key, default: 0] += 1 } }
     subscript(key: String) -> Int { lock.withLock { values[key, default: 0] } }
-    func store(_ name: String, _ values: [Float]) { lock.withLock { update[name, default: []] += values } }
+    func store(_ name: String, _ values: [Float]) {
+        lock.withLock { update[name, default: []] += values }
+    }
     var tensors: [String: [Float]] { lock.withLock { update } }
     func token(_ value: String) { lock.withLock { tokens.append(value) } }
     var seenTokens: [String] { lock.withLock { tokens } }
@@ -31,7 +33,8 @@ private struct TokenRecorder: ServerInterceptor {
 
     func intercept<Input: Sendable, Output: Sendable>(
         request: StreamingServerRequest<Input>, context: ServerContext,
-        next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws
+        next:
+            @Sendable (StreamingServerRequest<Input>, ServerContext) async throws
             -> StreamingServerResponse<Output>
     ) async throws -> StreamingServerResponse<Output> {
         let tokens = Array(request.metadata[stringValues: authorizationKey])
@@ -51,7 +54,9 @@ private struct FakeCoordinator: Fedcoreml_DeviceService.SimpleServiceProtocol {
     {
         return .with {
             $0.sessionID = "session-\(request.deviceID)"
-            $0.pacing = .with { $0.chunkBytes = 1000; $0.pollIntervalMs = 10 }
+            $0.pacing = .with {
+                $0.chunkBytes = 1000; $0.pollIntervalMs = 10
+            }
         }
     }
 
@@ -89,11 +94,12 @@ private struct FakeCoordinator: Fedcoreml_DeviceService.SimpleServiceProtocol {
         var offset = Int(request.offset)
         while offset < model.count {
             let end = min(offset + 4096, model.count)
-            try await response.write(.with {
-                $0.offset = UInt64(offset)
-                $0.data = model.subdata(in: offset..<end)
-                $0.totalSize = UInt64(model.count)
-            })
+            try await response.write(
+                .with {
+                    $0.offset = UInt64(offset)
+                    $0.data = model.subdata(in: offset..<end)
+                    $0.totalSize = UInt64(model.count)
+                })
             offset = end
         }
     }
@@ -114,7 +120,9 @@ private struct FakeCoordinator: Fedcoreml_DeviceService.SimpleServiceProtocol {
         }
         for (name, values) in received { seen.store(name, values) }
         seen.count("updates")
-        return .with { $0.accepted = true; $0.round = 1 }
+        return .with {
+            $0.accepted = true; $0.round = 1
+        }
     }
 
     func submitEvaluation(request: Fedcoreml_SubmitEvaluationRequest, context: ServerContext)
@@ -161,7 +169,8 @@ private func withCoordinator(
 
 @Suite struct GRPCDeviceTransportTests {
     let tensors = [
-        try! NamedTensor(name: "fc.weights", shape: [3, 700], values: (0..<2100).map { Float($0) }),
+        try! NamedTensor(
+            name: "fc.weights", shape: [3, 700], values: (0..<2100).map { Float($0) }),
         try! NamedTensor(name: "fc.bias", shape: [3], values: [0.5, -1, 2]),
     ]
 
@@ -188,11 +197,14 @@ private func withCoordinator(
             let throttled = await #expect(throws: RefusedError.self) {
                 try await transport.getTask(GetTaskRequest(), options: options)
             }
-            #expect(throttled == RefusedError(
-                .getTask, .resourceExhausted, "rate limit", retryAfter: .milliseconds(250)))
+            #expect(
+                throttled
+                    == RefusedError(
+                        .getTask, .resourceExhausted, "rate limit", retryAfter: .milliseconds(250)))
             let missing = await #expect(throws: RefusedError.self) {
                 for try await _ in transport.downloadModel(
-                    DownloadModelRequest(sessionId: "s", taskId: "x"), options: options) {}
+                    DownloadModelRequest(sessionId: "s", taskId: "x"), options: options)
+                {}
             }
             #expect(missing == RefusedError(.downloadModel, .notFound, "unknown task 'x'"))
         }
