@@ -43,6 +43,8 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "Inf": ("INVALID_ARGUMENT", "non-finite value(s)"),
     "wrong tensor count": ("INVALID_ARGUMENT", "announces 7 tensors but 8 arrived"),
     "slices out of order": ("INVALID_ARGUMENT", "expected byte 0"),
+    "slice not on a 4-byte boundary": ("INVALID_ARGUMENT", "must start on a 4-byte boundary"),
+    "tensors interleaved": ("INVALID_ARGUMENT", "weights' interleaved with 'hidden1.bias'"),
     "truncated stream": ("INVALID_ARGUMENT", "hidden1.weights"),
     "oversized message": ("RESOURCE_EXHAUSTED", ""),
     "zero examples": ("INVALID_ARGUMENT", "num_examples must be positive"),
@@ -192,6 +194,14 @@ class DeviceAttacks:
         slices = [i for i, m in enumerate(swapped) if m.tensor.name == "hidden1.weights"]
         swapped[slices[0]], swapped[slices[1]] = swapped[slices[1]], swapped[slices[0]]
         refuse("slices out of order", submit(swapped))
+        misaligned = stream()
+        first_slice = _tensor(misaligned, "hidden1.weights")
+        first_slice.data = first_slice.data[:-2]
+        refuse("slice not on a 4-byte boundary", submit(misaligned))
+        interleaved = stream()
+        bias = next(i for i, m in enumerate(interleaved) if m.tensor.name == "hidden1.bias")
+        interleaved.insert(slices[0] + 1, interleaved.pop(bias))
+        refuse("tensors interleaved", submit(interleaved))
         cut = slices[0] + 2
         refuse("truncated stream", submit(valid[:cut]))
         huge = device_pb2.UpdateChunk(
