@@ -3,8 +3,9 @@
 For K = 10, 100, 1,000 updates of all 585,958 parameters, each K in a fresh process: decode K
 SubmitUpdate streams as the gateway does, turn them into Flower reply messages (DeviceGrid),
 aggregate them with Flower's FedAvg, and bake the result into the next .mlmodel (ModelStore).
-Twice: holding every update until the round closes, and folding each into the running mean as
-it arrives (one reply holding the mean goes to FedAvg). Prints wall time per stage and the
+Twice: holding every update until the round closes (Flower's FedAvg over K replies carrying
+arrays), and folding each into the round's mean as it arrives (MeanOnArrival, the default for the
+FedAvg family: K replies carrying only metrics). Prints wall time per stage and the
 process's peak resident memory against its baseline (the same process before the updates).
 
     python bench/aggregation_cost.py [--counts 10 100 1000]
@@ -21,6 +22,8 @@ import time
 
 
 def measure(count: int, mode: str = "hold") -> dict:
+    from dataclasses import replace
+
     import numpy as np
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.serverapp.strategy import FedAvg
@@ -28,11 +31,27 @@ def measure(count: int, mode: str = "hold") -> dict:
     from fedcoreml.ios_bridge.default_model import build_default_model
     from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
     from fedcoreml.ios_bridge.tensor_codec import UpdateHeader, decode_update, encode_update
-    from fedcoreml.server.device_grid import DeviceGrid, arrays_to_parameters
+    from fedcoreml.server.device_grid import (
+        DeviceGrid,
+        arrays_to_parameters,
+        parameters_to_arrays,
+    )
     from fedcoreml.server.flower_identity import set_task_identity
     from fedcoreml.server.gateway.task_board import Task, UpdateResult
+    from fedcoreml.server.mean_on_arrival import MeanOnArrival
     from fedcoreml.server.model_store import ModelStore
     from fedcoreml.server.streaming_mean import StreamingWeightedMean
+
+    class OneNodeFeed:
+        """The UpdateFeed side of DeviceGrid for one round, without a gateway."""
+
+        aggregator: StreamingWeightedMean
+
+        def get_node_ids(self) -> list[int]:
+            return [1]
+
+        def fold_train_updates(self, server_round: int, aggregator) -> None:
+            self.aggregator = aggregator
 
     spec = build_default_model(seed=0)
     infos = parameter_infos(spec)
@@ -51,26 +70,30 @@ def measure(count: int, mode: str = "hold") -> dict:
     instruction = Message(RecordDict({"config": ConfigRecord()}), 1, "train")
     instruction.metadata.__dict__["_message_id"] = "m"
 
+    strategy = FedAvg()
+    mean = None
+    if mode == "stream":  # the strategy gives the round's aggregator to the grid
+        strategy = MeanOnArrival(min_train_nodes=1, min_available_nodes=1)
+        feed = OneNodeFeed()
+        strategy.configure_train(1, parameters_to_arrays(base), ConfigRecord(), feed)
+        mean = feed.aggregator
+
     start = time.perf_counter()
     replies = []
-    mean = StreamingWeightedMean()
     for i in range(count):
         _, params = decode_update((device_pb2.UpdateChunk.FromString(b) for b in wire), infos)
         result = UpdateResult(params, 100 + i, 0.1, 0.9, 1.0)
-        if mode == "stream":  # as the task board's sink does when an update is accepted
+        if mean is not None:  # as the task board does when it accepts an update
             mean.reserve()
             mean.add(result)
-            continue
-        task = Task(f"t{i}", 1, "train", 1, None, None, 0.0, status="submitted", result=result)
-        replies.append(grid._reply(instruction, task))
-    if mode == "stream":  # DeviceGrid hands the strategy one reply holding the mean
-        combined = UpdateResult(mean.mean(), mean.total_examples, 0.1, 0.9, 1.0)
-        task = Task("t", 1, "train", 1, None, None, 0.0, status="submitted", result=combined)
+            result = replace(result, parameters=[])
+        task = Task(f"t{i}", 1, "train", 1, None, None, 0.0, status="submitted", result=result,
+                    aggregator=mean)  # fmt: skip
         replies.append(grid._reply(instruction, task))
     decode_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    arrays, _ = FedAvg().aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(1, replies)
     aggregate_s = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -26,11 +26,14 @@ from fedcoreml.client_sim.emulator import CoreMLEmulator
 from fedcoreml.client_sim.fleet import device_seed, partition_dataset
 from fedcoreml.ios_bridge.datasets import load_dataset
 from fedcoreml.ios_bridge.flower_messages import (
+    ACCURACY_KEY,
     BATCH_SIZE_KEY,
     EPOCHS_KEY,
     LEARNING_RATE_KEY,
+    LOSS_KEY,
     NUM_EXAMPLES_KEY,
     ROUND_KEY,
+    TRAIN_SECONDS_KEY,
     model_from_message,
     parameters_to_arrays,
 )
@@ -89,9 +92,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             NUM_EXAMPLES_KEY: result.num_examples,
-            "loss": result.loss,
-            "accuracy": result.accuracy,
-            "train-seconds": result.seconds,
+            LOSS_KEY: result.loss,
+            ACCURACY_KEY: result.accuracy,
+            TRAIN_SECONDS_KEY: result.seconds,
         }
     )
     content = RecordDict({"arrays": parameters_to_arrays(result.parameters), "metrics": metrics})
@@ -103,5 +106,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     emulator, _config = _emulator(msg)
     data, _seed = node_data(context)
     loss, accuracy = emulator.evaluate(data.x_eval, data.y_eval)
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: data.num_eval, "loss": loss, "accuracy": accuracy})
+    metrics = MetricRecord(
+        {NUM_EXAMPLES_KEY: data.num_eval, LOSS_KEY: loss, ACCURACY_KEY: accuracy}
+    )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -4,7 +4,8 @@ Flower carries the global parameters as an ``ArrayRecord`` (Core ML layout and n
 ``conv1.weights`` as ``[out, in, kh, kw]``) and the settings as a ``ConfigRecord``. The config
 also holds the model's bare architecture (:func:`~fedcoreml.ios_bridge.parameters.strip_parameters`,
 a few KB), from which a node rebuilds, with the arrays, exactly the .mlmodel a device would
-download. Replies carry the updated ``ArrayRecord`` and a ``MetricRecord`` with ``num-examples``.
+download. Replies carry the updated ``ArrayRecord`` and a ``MetricRecord`` with ``num-examples``,
+``loss``, ``accuracy`` (and ``train-seconds`` for training).
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ BATCH_SIZE_KEY = "batch-size"
 LEARNING_RATE_KEY = "lr"
 ROUND_KEY = "server-round"  # set by Flower's strategies in every message's config
 ARCHITECTURE_KEY = "mlmodel-architecture"
+# The MetricRecord a node's reply carries (Flower's strategies weight by NUM_EXAMPLES_KEY).
 NUM_EXAMPLES_KEY = "num-examples"
+LOSS_KEY = "loss"
+ACCURACY_KEY = "accuracy"
+TRAIN_SECONDS_KEY = "train-seconds"  # a train reply's wall time of local training
 
 
 class MessageContentError(FedCoreMLError):

@@ -29,7 +29,6 @@ from fedcoreml.server.run_config import (
     RoundRecord,
 )
 from fedcoreml.server.run_dir import RunDirectory
-from fedcoreml.server.strategies import averages_first
 
 __all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorConfigError", "RoundRecord"]
 
@@ -59,10 +58,7 @@ class Coordinator:
             self.registry, self.board, self.federated.store, self.federated.run_id,
             config.round_timeout,
             round_offset=self.federated.start_round,
-            policy=RoundPolicy(
-                config.over_selection, config.min_reports, config.max_attempts,
-                mean_on_arrival=config.mean_on_arrival and averages_first(config.strategy),
-            ),
+            policy=RoundPolicy(config.over_selection, config.min_reports, config.max_attempts),
         )  # fmt: skip
         self._server = None
         self.port: int | None = None

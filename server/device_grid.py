@@ -4,7 +4,12 @@ Connected devices are the Grid's nodes. A message to a node becomes a task on th
 ``ArrayRecord`` is baked into a .mlmodel (once per distinct parameter set) that the device
 downloads, and its ``ConfigRecord`` gives the training overrides. A device's validated result
 comes back as the reply message Flower expects: an ``ArrayRecord`` of the updated parameters
-(Core ML layout, the model's names) and a ``MetricRecord`` with ``num-examples``.
+(Core ML layout, the model's names) and a ``MetricRecord`` with ``num-examples``, ``loss``,
+``accuracy`` and ``train-seconds``.
+
+DeviceGrid is also an :class:`~fedcoreml.server.mean_on_arrival.UpdateFeed`: when a strategy
+hands it an aggregator for a training round, every update accepted in that round is folded into
+it as it arrives, and each device's reply carries only its own MetricRecord.
 """
 
 from __future__ import annotations
@@ -30,15 +35,18 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedcoreml.ios_bridge.flower_messages import (
+    ACCURACY_KEY,
     BATCH_SIZE_KEY,
     EPOCHS_KEY,
     LEARNING_RATE_KEY,
+    LOSS_KEY,
     NUM_EXAMPLES_KEY,
     ROUND_KEY,
+    TRAIN_SECONDS_KEY,
     arrays_to_parameters,
     parameters_to_arrays,
 )
-from fedcoreml.server.exchanges import ExchangeStats
+from fedcoreml.server.exchanges import ExchangeStats, message_round
 from fedcoreml.server.gateway.sessions import SessionRegistry
 from fedcoreml.server.gateway.task_board import (
     EvaluationResult,
@@ -70,9 +78,6 @@ class RoundPolicy:
     over_selection: float = 1.0
     min_reports: int = 1
     max_attempts: int = 3
-    # Fold each accepted update into a running weighted mean and hand the strategy one reply
-    # holding that mean: only for strategies that start by averaging (see strategies.py).
-    mean_on_arrival: bool = False
 
 
 def _give_id(message: Message) -> Message:
@@ -103,6 +108,8 @@ class DeviceGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._lock = threading.Lock()
         self._pushed: dict[str, tuple[Message, Task]] = {}  # message id -> (instruction, task)
+        # strategy's server round -> the aggregator its accepted train updates are folded into
+        self._aggregators: dict[int, StreamingWeightedMean] = {}
         self.history: list[ExchangeStats] = []
 
     # -- Grid API -----------------------------------------------------------------------------
@@ -127,14 +134,11 @@ class DeviceGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.registry.live_node_ids()
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._push(messages, None)
-
-    def _push(self, messages: Iterable[Message], sink: StreamingWeightedMean | None) -> list[str]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
         models: dict[int, RoundModel] = {}  # by id() of the ArrayRecord: strategies share one
         ids = []
         for message in messages:
-            task = self._assign(message, models, sink)
+            task = self._assign(message, models)
             _give_id(message)
             with self._lock:
                 self._pushed[message.metadata.message_id] = (message, task)
@@ -155,6 +159,22 @@ class DeviceGrid(Grid):
             replies.append(self._reply(message, done))
         return replies
 
+    # -- UpdateFeed ---------------------------------------------------------------------------
+
+    def fold_train_updates(self, server_round: int, aggregator: StreamingWeightedMean) -> None:
+        """Fold the accepted updates of ``server_round``'s train messages into ``aggregator``.
+
+        One training round runs at a time: an earlier round's aggregator is let go.
+        """
+        with self._lock:
+            self._aggregators = {server_round: aggregator}
+
+    def _aggregator(self, message: Message) -> StreamingWeightedMean | None:
+        if message.metadata.message_type != MessageType.TRAIN:
+            return None
+        with self._lock:
+            return self._aggregators.get(message_round(message))
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
@@ -165,10 +185,11 @@ class DeviceGrid(Grid):
             return []
         wanted = len(messages)
         wait_s = self.task_timeout_s if timeout is None else min(timeout, self.task_timeout_s)
+        aggregator = self._aggregator(messages[0])
         abandoned = 0
         while True:
             batch = self._over_select(messages)
-            replies, stats = self._exchange(batch, wanted, wait_s)
+            replies, stats = self._exchange(batch, wanted, wait_s, aggregator)
             if stats.reported >= self.policy.min_reports:
                 break
             if abandoned + 1 >= self.policy.max_attempts:
@@ -179,12 +200,17 @@ class DeviceGrid(Grid):
                 )  # fmt: skip
                 break
             abandoned += 1
+            if aggregator is not None:  # the attempt's replies are dropped: so are its updates
+                aggregator.clear()
             log.warning(
                 "round %d: %s abandoned with %d of %d report(s) (minimum %d); sending it again "
                 "(attempt %d of %d)", stats.round, stats.kind, stats.reported, stats.sampled,
                 self.policy.min_reports, abandoned + 1, self.policy.max_attempts,
             )  # fmt: skip
             messages = self._resample(messages, wait_s)
+        if aggregator is not None:
+            with self._lock:  # the round's exchange is over; the strategy holds the aggregator
+                self._aggregators.pop(message_round(messages[0]), None)
         stats.abandoned = abandoned
         stats.started_at = started_at
         stats.seconds = time.monotonic() - start
@@ -196,12 +222,13 @@ class DeviceGrid(Grid):
         return replies
 
     def _exchange(
-        self, messages: list[Message], wanted: int, wait_s: float
+        self,
+        messages: list[Message],
+        wanted: int,
+        wait_s: float,
+        aggregator: StreamingWeightedMean | None,
     ) -> tuple[list[Message], ExchangeStats]:
-        sink = None
-        if self.policy.mean_on_arrival and messages[0].metadata.message_type == MessageType.TRAIN:
-            sink = StreamingWeightedMean()
-        ids = self._push(messages, sink)
+        ids = self.push_messages(messages)
         with self._lock:
             tasks = [self._pushed[i][1] for i in ids]
         stats = ExchangeStats(kind=tasks[0].kind, round=tasks[0].round, sampled=len(tasks))
@@ -209,10 +236,10 @@ class DeviceGrid(Grid):
         task_ids = [t.task_id for t in tasks]
         self.board.wait(task_ids, wait_s, self.registry.is_live, enough=wanted)
         self.board.close(task_ids, "round closed")  # stragglers past this point are refused
+        if aggregator is not None:
+            aggregator.settle()  # every accepted update folded in (or its task failed)
         replies = sorted(self.pull_messages(ids), key=self._reply_order)
         stats.count(replies)
-        if sink is not None:
-            replies = self._with_mean(replies, sink, messages)
         return replies, stats
 
     def _reply_order(self, reply: Message) -> tuple[str, int]:
@@ -223,29 +250,6 @@ class DeviceGrid(Grid):
         node = reply.metadata.src_node_id
         session = self.registry.session_of(node)
         return (session.device_id if session is not None else "", node)
-
-    def _with_mean(
-        self, replies: list[Message], sink: StreamingWeightedMean, messages: list[Message]
-    ) -> list[Message]:
-        """The failed devices' replies, and one reply carrying the mean of all the updates.
-
-        The combined reply weighs as all the devices' examples together, so the strategy's own
-        weighted average of it is the mean itself.
-        """
-        sink.settle()
-        failed = [r for r in replies if r.has_error()]
-        if not sink.count:
-            return failed
-        first = next(r for r in replies if not r.has_error())
-        instruction = next(
-            m for m in messages if m.metadata.message_id == first.metadata.reply_to_message_id
-        )
-        means = sink.metrics()
-        combined = UpdateResult(
-            sink.mean(), sink.total_examples, means["loss"], means["accuracy"],
-            means["train-seconds"],
-        )  # fmt: skip
-        return [*failed, self._result_reply(instruction, combined)]
 
     def _copy_to(self, message: Message, node_id: int) -> Message:
         return Message(
@@ -284,12 +288,7 @@ class DeviceGrid(Grid):
 
     # -- translation --------------------------------------------------------------------------
 
-    def _assign(
-        self,
-        message: Message,
-        models: dict[int, RoundModel],
-        sink: StreamingWeightedMean | None = None,
-    ) -> Task:
+    def _assign(self, message: Message, models: dict[int, RoundModel]) -> Task:
         content = message.content
         kind = message.metadata.message_type
         if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
@@ -317,7 +316,7 @@ class DeviceGrid(Grid):
             model,
             task_config,
             self.task_timeout_s,
-            sink=sink,
+            aggregator=self._aggregator(message),
         )
         return task
 
@@ -326,20 +325,21 @@ class DeviceGrid(Grid):
             return _give_id(
                 Message(Error(DEVICE_FAILED, task.failure or "no result"), reply_to=message)
             )
-        return self._result_reply(message, task.result)
+        return self._result_reply(message, task.result, folded=task.aggregator is not None)
 
-    def _result_reply(self, message: Message, result: UpdateResult | EvaluationResult) -> Message:
+    def _result_reply(
+        self, message: Message, result: UpdateResult | EvaluationResult, folded: bool
+    ) -> Message:
+        """The device's own reply: its metrics, and its update unless that was folded in."""
         metrics = {
             NUM_EXAMPLES_KEY: result.num_examples,
-            "loss": result.loss,
-            "accuracy": result.accuracy,
+            LOSS_KEY: result.loss,
+            ACCURACY_KEY: result.accuracy,
         }
+        content = RecordDict()
         if isinstance(result, UpdateResult):
-            metrics["train-seconds"] = result.train_seconds
-            content = RecordDict({
-                "arrays": parameters_to_arrays(result.parameters),
-                "metrics": MetricRecord(metrics),
-            })  # fmt: skip
-        else:
-            content = RecordDict({"metrics": MetricRecord(metrics)})
+            metrics[TRAIN_SECONDS_KEY] = result.train_seconds
+            if not folded:
+                content["arrays"] = parameters_to_arrays(result.parameters)
+        content["metrics"] = MetricRecord(metrics)
         return _give_id(Message(content, reply_to=message))

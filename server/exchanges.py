@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedcoreml.ios_bridge.atomic_file import write_bytes_atomic
-from fedcoreml.ios_bridge.flower_messages import NUM_EXAMPLES_KEY, ROUND_KEY
+from fedcoreml.ios_bridge.flower_messages import ACCURACY_KEY, NUM_EXAMPLES_KEY, ROUND_KEY
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ExchangeStats:
                 continue
             examples = int(metrics.get(NUM_EXAMPLES_KEY, 0))
             self.examples += examples
-            weighted_accuracy += float(metrics.get("accuracy", 0.0)) * examples
+            weighted_accuracy += float(metrics.get(ACCURACY_KEY, 0.0)) * examples
         if self.examples:
             self.accuracy = weighted_accuracy / self.examples
 

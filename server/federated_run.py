@@ -75,6 +75,7 @@ class FederatedRun:
             fraction_evaluate=config.fraction_evaluate,
             min_devices=config.min_devices,
             options=config.strategy_args,
+            fold_on_arrival=config.mean_on_arrival,
         )
         self.eval_data: Dataset = load_dataset(config.eval_data)
         self.store = ModelStore(self.spec, self.model_name)

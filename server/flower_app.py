@@ -44,14 +44,15 @@ def config_from_run_config(run_config: dict[str, Any], run_id: int) -> Coordinat
         return value if value > 0 else None  # 0: the model's own default
 
     run_dir = text("run-dir") or f"runs/flower-{run_id}"
-    strategy_args = parse_strategy_args((text("strategy-args") or "").split())
+    strategy = str(run_config["strategy"])
+    strategy_args = parse_strategy_args((text("strategy-args") or "").split(), strategy)
     return CoordinatorConfig(
         run_dir=Path(run_dir),
         rounds=int(run_config["num-server-rounds"]),
         min_devices=int(run_config["min-nodes"]),
         fraction=float(run_config["fraction-train"]),
         fraction_evaluate=float(run_config["fraction-evaluate"]),
-        strategy=str(run_config["strategy"]),
+        strategy=strategy,
         strategy_args=strategy_args,
         model=Path(model) if (model := text("model")) else None,
         local_epochs=positive("local-epochs", int),

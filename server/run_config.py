@@ -49,8 +49,9 @@ class CoordinatorConfig:
     over_selection: float = 1.0  # e.g. 1.3: ask 30 % more devices, close at the number wanted
     min_reports: int = 1  # fewer valid reports: the round is abandoned and sent again
     max_attempts: int = 3
-    # Average updates as they arrive (strategies that start with FedAvg's mean): memory stays
-    # one model's worth however many devices report. False holds every update to round end.
+    # FedAvg and the optimisers built on its mean fold each update into the round's mean as it
+    # arrives (mean_on_arrival.py): memory stays one model's worth however many devices report.
+    # False (--hold-updates): Flower's own strategies, every update held to the round's end.
     mean_on_arrival: bool = True
 
     def to_json(self) -> dict[str, Any]:

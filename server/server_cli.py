@@ -196,7 +196,7 @@ def _coordinator_config(args: argparse.Namespace, **extra):
     return CoordinatorConfig(
         rounds=args.rounds,
         strategy=args.strategy,
-        strategy_args=parse_strategy_args(args.strategy_arg),
+        strategy_args=parse_strategy_args(args.strategy_arg, args.strategy),
         fraction=args.fraction,
         fraction_evaluate=args.fraction_evaluate,
         model=args.model,

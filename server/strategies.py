@@ -1,7 +1,10 @@
 """Flower's Message-API strategies by name, configured for a device fleet.
 
 fedcoreml does not re-implement aggregation: every name maps to a strategy from
-``flwr.serverapp.strategy`` (the DP names wrap FedAvg in Flower's server-side clipping).
+``flwr.serverapp.strategy`` (the DP names wrap FedAvg in Flower's server-side clipping); the
+FedAvg family may be the variant that folds its mean as updates arrive (mean_on_arrival.py).
+Options given as text are typed and checked against the strategy's constructor
+(strategy_options.py) before any device is contacted.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedcoreml.ios_bridge.errors import FedCoreMLError
+from fedcoreml.server.mean_on_arrival import ON_ARRIVAL
+from fedcoreml.server.strategy_options import (
+    ConstructorOptions,
+    StrategyError,
+    split_options,
+    typed_options,
+)
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -36,24 +45,11 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "krum": Krum,
     "multikrum": MultiKrum,
 }
-# Strategies whose aggregation begins with FedAvg's examples-weighted mean of the replies (they
-# subclass FedAvg and call its aggregate_train first): DeviceGrid may average updates as they
-# arrive and hand them one reply holding the mean. The others need every update (median,
-# trimmed mean, Krum, per-update clipping) and are handed every reply.
-AVERAGE_FIRST = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 DP_WRAPPERS = {
     "dp-fixed": DifferentialPrivacyServerSideFixedClipping,
     "dp-adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
 }
 STRATEGY_NAMES = (*STRATEGIES, *DP_WRAPPERS)
-DP_OPTION_NAMES = (
-    "noise_multiplier",
-    "clipping_norm",
-    "initial_clipping_norm",
-    "target_clipped_quantile",
-    "clip_norm_lr",
-    "clipped_count_stddev",
-)
 
 FEDPROX_REFUSAL = (
     "FedProx is not offered: its proximal term is added to each client's training loss, and "
@@ -62,31 +58,59 @@ FEDPROX_REFUSAL = (
 )
 
 
-class StrategyError(FedCoreMLError):
-    """An unknown strategy, or options it does not take."""
+__all__ = [
+    "STRATEGIES",
+    "STRATEGY_NAMES",
+    "StrategyError",
+    "check_strategy_options",
+    "make_strategy",
+    "parse_strategy_args",
+]
+
+# Set from fedcoreml's own options (--fraction, --min-devices ...) or fixed by its messages.
+SET_BY_FEDCOREML = (
+    "fraction_train",
+    "fraction_evaluate",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+)
+SET_BY_FEDCOREML_DP = ("strategy", "num_sampled_clients")
 
 
-def parse_strategy_args(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs (numbers become int or float) for the strategy's constructor."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise StrategyError(f"strategy option {item!r} is not KEY=VALUE")
-        value: Any = raw
-        for convert in (int, float):
-            try:
-                value = convert(raw)
-                break
-            except ValueError:
-                continue
-        options[key.replace("-", "_")] = value
-    return options
+def _resolve(name: str) -> tuple[str, type[Strategy], type[Strategy] | None]:
+    """(lower-case name, Flower strategy class, DP wrapper class or None) for a strategy name."""
+    key = name.lower()
+    if key == "fedprox":
+        raise StrategyError(FEDPROX_REFUSAL)
+    if key in DP_WRAPPERS:
+        return key, FedAvg, DP_WRAPPERS[key]
+    if key not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    return key, STRATEGIES[key], None
 
 
-def averages_first(name: str) -> bool:
-    """Whether the named strategy only ever sees the weighted mean of the updates."""
-    return name.lower() in AVERAGE_FIRST
+def check_strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options typed for the named strategy's constructor (and its DP wrapper's)."""
+    key, base, wrapper = _resolve(name)
+    base_parameters = ConstructorOptions(base, SET_BY_FEDCOREML)
+    if wrapper is None:
+        return typed_options(key, options, base_parameters)
+    wrapper_parameters = ConstructorOptions(wrapper, SET_BY_FEDCOREML_DP)
+    own = {k: v for k, v in options.items() if k in wrapper_parameters}
+    rest = {k: v for k, v in options.items() if k not in wrapper_parameters}
+    return {
+        **typed_options(key, own, wrapper_parameters),
+        **typed_options(key, rest, base_parameters),
+    }
+
+
+def parse_strategy_args(items: list[str], strategy: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs converted to the types the strategy's constructor takes."""
+    return check_strategy_options(strategy, split_options(items))
 
 
 def make_strategy(
@@ -96,20 +120,20 @@ def make_strategy(
     fraction_evaluate: float,
     min_devices: int,
     options: dict[str, Any] | None = None,
+    fold_on_arrival: bool = False,
 ) -> Strategy:
-    """A Flower strategy that samples ``fraction_train`` of at least ``min_devices`` devices."""
-    key = name.lower()
-    options = dict(options or {})
-    if key == "fedprox":
-        raise StrategyError(FEDPROX_REFUSAL)
-    base_name = "fedavg" if key in DP_WRAPPERS else key
-    if base_name not in STRATEGIES:
-        raise StrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    """A Flower strategy that samples ``fraction_train`` of at least ``min_devices`` devices.
+
+    With ``fold_on_arrival``, FedAvg and the optimisers built on its mean fold each update into
+    the round's mean as it arrives (on a grid that feeds them, see mean_on_arrival.py); the other
+    strategies need every update and are Flower's own whatever it says.
+    """
+    key, base, wrapper = _resolve(name)
+    options = check_strategy_options(key, options or {})
     dp_options = {}
-    if key in DP_WRAPPERS:
-        for dp_key in DP_OPTION_NAMES:
-            if dp_key in options:
-                dp_options[dp_key] = options.pop(dp_key)
+    if wrapper is not None:
+        dp_parameters = ConstructorOptions(wrapper, SET_BY_FEDCOREML_DP)
+        dp_options = {k: options.pop(k) for k in list(options) if k in dp_parameters}
     common = {
         "fraction_train": fraction_train,
         "fraction_evaluate": fraction_evaluate,
@@ -117,14 +141,16 @@ def make_strategy(
         "min_evaluate_nodes": 1 if fraction_evaluate > 0 else 0,
         "min_available_nodes": min_devices,
     }
+    # DP clipping needs every update: its wrapped FedAvg stays Flower's own.
+    chosen = ON_ARRIVAL.get(base, base) if fold_on_arrival and wrapper is None else base
     try:
-        strategy = STRATEGIES[base_name](**common, **options)
-        if key in DP_WRAPPERS:
+        strategy = chosen(**common, **options)
+        if wrapper is not None:
             dp_options.setdefault("noise_multiplier", 0.0)
             if key == "dp-fixed":
                 dp_options.setdefault("clipping_norm", 10.0)
             num_sampled = max(common["min_train_nodes"], round(min_devices * fraction_train))
-            strategy = DP_WRAPPERS[key](strategy, num_sampled_clients=num_sampled, **dp_options)
-    except TypeError as exc:
-        raise StrategyError(f"strategy {name!r}: {exc}") from None
+            strategy = wrapper(strategy, num_sampled_clients=num_sampled, **dp_options)
+    except (TypeError, ValueError) as exc:
+        raise StrategyError(f"strategy {key}: {exc}") from None
     return strategy

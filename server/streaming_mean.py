@@ -4,8 +4,8 @@ For strategies whose aggregation starts with the weighted mean of the replies (F
 server-optimizer family built on it: FedAvgM, FedAdam, FedYogi, FedAdagrad), the coordinator does
 not need to hold every update until the round closes: each accepted update is folded into a
 running sum and dropped, so memory stays at one model's worth however many devices report.
-Flower's strategy then aggregates a single reply that carries the mean (its weight is the total
-example count), which is exactly the mean it would have computed.
+:class:`~fedcoreml.server.mean_on_arrival.MeanOnArrival` owns one such mean per round and hands
+it to its optimiser as the weighted mean it would have computed from the held updates.
 
 The sum is kept as a float64 value plus its exact rounding error (Knuth's TwoSum), so the result
 is the correctly rounded weighted mean whatever order the updates arrived in: two runs that
@@ -47,7 +47,8 @@ class StreamingWeightedMean:
 
     The task board calls ``reserve`` when it accepts an update (under its lock, so nothing is
     counted twice) and ``add`` right after (outside it); ``settle`` waits until every accepted
-    update has been folded in.
+    update has been folded in. Only the tensors are summed: each device's metrics travel in its
+    own reply.
     """
 
     def __init__(self) -> None:
@@ -57,8 +58,6 @@ class StreamingWeightedMean:
         self._pending = 0
         self.count = 0
         self.total_examples = 0
-        # examples-weighted sums of the scalar metrics devices report
-        self._metric_sums = {"loss": 0.0, "accuracy": 0.0, "train-seconds": 0.0}
 
     def reserve(self) -> None:
         with self._cond:
@@ -81,9 +80,6 @@ class StreamingWeightedMean:
                     self._fold(name, value, float(weight))
                 self.count += 1
                 self.total_examples += weight
-                self._metric_sums["loss"] += result.loss * weight
-                self._metric_sums["accuracy"] += result.accuracy * weight
-                self._metric_sums["train-seconds"] += result.train_seconds * weight
             finally:
                 self._pending -= 1
                 self._cond.notify_all()
@@ -109,6 +105,19 @@ class StreamingWeightedMean:
         with self._cond:
             return self._cond.wait_for(lambda: self._pending == 0, timeout_s)
 
+    def clear(self) -> None:
+        """Forget every update folded so far (an attempt whose replies were thrown away).
+
+        Call it once nothing can be reserved any more and after :meth:`settle`.
+        """
+        with self._cond:
+            if self._pending:
+                raise RuntimeError(f"{self._pending} reserved update(s) not added yet")
+            self._sums.clear()
+            self._order.clear()
+            self.count = 0
+            self.total_examples = 0
+
     def mean(self) -> Parameters:
         """The weighted mean as float32, in the order the tensors first arrived."""
         with self._cond:
@@ -119,9 +128,3 @@ class StreamingWeightedMean:
                 (name, ((self._sums[name].high + self._sums[name].low) / total).astype(np.float32))
                 for name in self._order
             ]
-
-    def metrics(self) -> dict[str, float]:
-        """Examples-weighted means of loss, accuracy and training seconds."""
-        with self._cond:
-            total = float(self.total_examples) or 1.0
-            return {key: value / total for key, value in self._metric_sums.items()}

@@ -76,13 +76,20 @@ def test_the_result_does_not_depend_on_arrival_order():
     assert len(naive) > 1  # the data really is order-sensitive for a plain float64 sum
 
 
-def test_metrics_are_examples_weighted():
+def test_weights_are_example_counts_and_clear_forgets_everything():
     mean = StreamingWeightedMean()
-    for u in (update({"w": [1.0]}, 100, accuracy=0.9), update({"w": [3.0]}, 300, accuracy=0.5)):
+    for u in (update({"w": [1.0]}, 100), update({"w": [3.0]}, 300)):
         mean.reserve()
         mean.add(u)
-    assert dict(mean.mean())["w"][0] == 2.5
-    assert mean.metrics()["accuracy"] == pytest.approx((0.9 * 100 + 0.5 * 300) / 400)
+    assert dict(mean.mean())["w"][0] == 2.5 and mean.total_examples == 400
+    mean.clear()  # an abandoned attempt's updates
+    assert mean.count == 0 and mean.total_examples == 0
+    mean.reserve()
+    mean.add(update({"w": [7.0], "b": [1.0]}, 5))
+    assert {name: value.tolist() for name, value in mean.mean()} == {"w": [7.0], "b": [1.0]}
+    mean.reserve()
+    with pytest.raises(RuntimeError, match="not added yet"):
+        mean.clear()  # an update still on its way would be lost or half counted
 
 
 def test_a_mismatched_update_changes_nothing():
@@ -112,17 +119,32 @@ def test_settle_waits_for_reserved_updates_from_other_threads():
     np.testing.assert_allclose(dict(mean.mean())["w"], expected, rtol=1e-7)
 
 
-def test_the_board_hands_accepted_updates_to_the_sink_and_keeps_no_tensors():
+def test_the_board_folds_accepted_updates_into_the_aggregator_and_keeps_no_tensors():
     board = TaskBoard()
     model = RoundModel.from_bytes(0, b"model")
-    sink = StreamingWeightedMean()
+    mean = StreamingWeightedMean()
     config = TaskConfig(1, 8, 0.1)
-    task = board.assign(7, "train", 1, model, config, 30, sink=sink)
-    late = board.assign(8, "train", 1, model, config, 30, sink=sink)
+    task = board.assign(7, "train", 1, model, config, 30, aggregator=mean)
+    late = board.assign(8, "train", 1, model, config, 30, aggregator=mean)
     board.complete(task.task_id, 7, update({"w": [2.0]}, 10))
     board.close([late.task_id], "round closed")
     with pytest.raises(Exception, match="closed"):
         board.complete(late.task_id, 8, update({"w": [100.0]}, 10))
-    assert sink.settle(timeout_s=1) and sink.count == 1
-    assert dict(sink.mean())["w"].tolist() == [2.0]  # the refused one never reached it
+    assert mean.settle(timeout_s=1) and mean.count == 1
+    assert dict(mean.mean())["w"].tolist() == [2.0]  # the refused one never reached it
     assert task.result.parameters == [] and task.result.num_examples == 10
+
+
+def test_an_update_the_aggregator_refuses_fails_its_task():
+    board = TaskBoard()
+    model = RoundModel.from_bytes(0, b"model")
+    mean = StreamingWeightedMean()
+    config = TaskConfig(1, 8, 0.1)
+    first = board.assign(7, "train", 1, model, config, 30, aggregator=mean)
+    odd = board.assign(8, "train", 1, model, config, 30, aggregator=mean)
+    board.complete(first.task_id, 7, update({"w": [2.0]}, 10))
+    with pytest.raises(ValueError, match="shape"):
+        board.complete(odd.task_id, 8, update({"w": [1.0, 1.0]}, 10))
+    # a submitted task always means an update in the mean: this one is failed instead
+    assert odd.status == "failed" and "not aggregated" in odd.failure and odd.result is None
+    assert mean.settle(timeout_s=1) and mean.count == 1

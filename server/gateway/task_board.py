@@ -70,11 +70,12 @@ class EvaluationResult:
     accuracy: float
 
 
-class UpdateSink(Protocol):
-    """Takes a train task's update as it is accepted, so the board need not keep its tensors.
+class UpdateAggregator(Protocol):
+    """Folds a train task's update in as it is accepted, so the board need not keep its tensors.
 
-    ``reserve`` is called under the board's lock the moment the update is accepted, ``add``
-    right after, outside the lock.
+    ``reserve`` is called under the board's lock the moment the update is accepted (so nothing
+    is counted twice or missed), ``add`` right after, outside the lock; ``add`` releases the
+    reservation whether or not it succeeds.
     """
 
     def reserve(self) -> None: ...
@@ -94,7 +95,8 @@ class Task:
     status: TaskStatus = "pending"
     failure: str = ""
     result: UpdateResult | EvaluationResult | None = None
-    sink: UpdateSink | None = None  # where an accepted update's tensors go instead of ``result``
+    # the aggregator an accepted update is folded into; ``result`` then keeps no tensors
+    aggregator: UpdateAggregator | None = None
     handout_at: float | None = None  # monotonic time from which the device may be given it
 
 
@@ -123,7 +125,7 @@ class TaskBoard:
         model: RoundModel,
         config: TaskConfig | None,
         timeout_s: float,
-        sink: UpdateSink | None = None,
+        aggregator: UpdateAggregator | None = None,
     ) -> Task:
         task = Task(
             task_id=secrets.token_hex(12),
@@ -133,7 +135,7 @@ class TaskBoard:
             model=model,
             config=config,
             deadline=self._clock() + timeout_s,
-            sink=sink,
+            aggregator=aggregator if kind == "train" else None,
         )
         with self._cond:
             self._tasks[task.task_id] = task
@@ -299,20 +301,27 @@ class TaskBoard:
     ) -> Task:
         """Record a validated result; refused if the task ended meanwhile.
 
-        A train task with a sink hands the update's tensors to the sink and keeps only its
-        metrics.
+        A train task with an aggregator folds the update's tensors into it and keeps only its
+        metrics. Should the fold fail, the task fails with it (and the error is raised): a
+        submitted task always means an update that counts.
         """
         kind: TaskKind = "train" if isinstance(result, UpdateResult) else "evaluate"
         with self._cond:
             task = self.task_for(task_id, node_id, kind)
-            sink = task.sink if isinstance(result, UpdateResult) else None
+            aggregator = task.aggregator if isinstance(result, UpdateResult) else None
             task.status = "submitted"
-            task.result = replace(result, parameters=[]) if sink is not None else result
-            if sink is not None:
-                sink.reserve()
+            task.result = replace(result, parameters=[]) if aggregator is not None else result
+            if aggregator is not None:
+                aggregator.reserve()
             self._cond.notify_all()
-        if sink is not None:
-            sink.add(result)
+        if aggregator is not None:
+            try:
+                aggregator.add(result)
+            except Exception as exc:
+                with self._cond:
+                    task.result = None
+                    self._fail(task, f"update not aggregated: {exc}")
+                raise
         return task
 
 
