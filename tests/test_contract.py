@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from live_gateway import Gateway
 
 from fedcoreml.ios_bridge.channel import bearer_metadata
 from fedcoreml.ios_bridge.default_model import build_default_model
@@ -20,11 +21,11 @@ from fedcoreml.ios_bridge.echo import MAX_DETAILS_BYTES, capped, shown
 from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
 from fedcoreml.ios_bridge.tensor_codec import UPDATE_REFUSALS, UpdateHeader, encode_update
-from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.ios_bridge.wire import device_pb2
 from fedcoreml.server.gateway import refusals
 from fedcoreml.server.gateway.auth import DeviceAuthInterceptor, _bearer_token
 from fedcoreml.server.gateway.errors import GatewayError
-from fedcoreml.server.gateway.service import DeviceService, start_server
+from fedcoreml.server.gateway.service import DeviceService
 from fedcoreml.server.gateway.sessions import SessionRegistry
 from fedcoreml.server.gateway.task_board import RoundModel, TaskBoard, TaskConfig
 from fedcoreml.server.gateway.tokens import TokenStore
@@ -210,31 +211,9 @@ def test_every_status_message_is_capped_where_statuses_are_raised(caplog):
 # -- a live gateway -------------------------------------------------------------------------------
 
 
-class Gateway:
-    def __init__(self, interceptors=()) -> None:
-        self.registry = SessionRegistry(idle_ttl_s=30)
-        self.board = TaskBoard()
-        self.service = DeviceService(
-            self.registry, self.board, parameter_infos(SPEC), 50, long_poll_ms=0
-        )
-        self.server, port = start_server(self.service, "127.0.0.1:0", interceptors=interceptors)
-        self.channel = grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
-        )
-        self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
-
-    def register(self, device_id: str, **kw) -> tuple[str, int]:
-        reply = self.stub.Register(device_pb2.RegisterRequest(device_id=device_id), **kw)
-        return reply.session_id, self.registry.touch(reply.session_id).node_id
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(0).wait()
-
-
 @pytest.fixture
 def gw():
-    gateway = Gateway()
+    gateway = Gateway(long_poll_ms=0, client_send_limit=64 << 20)
     yield gateway
     gateway.close()
 
@@ -303,7 +282,9 @@ def test_a_huge_task_id_comes_back_bounded(gw, caplog):
 def test_register_as_another_device_with_a_huge_id_is_bounded(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fedcoreml.gateway")
     secret = TokenStore(tmp_path).create("phone-a")
-    gateway = Gateway(interceptors=[DeviceAuthInterceptor(TokenStore(tmp_path))])
+    gateway = Gateway(
+        [DeviceAuthInterceptor(TokenStore(tmp_path))], long_poll_ms=0, client_send_limit=64 << 20
+    )
     try:
         code, details = status_of(lambda: gateway.register(LONG, metadata=bearer_metadata(secret)))
     finally:

@@ -7,6 +7,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from live_gateway import Gateway
 
 from fedcoreml.ios_bridge.default_model import build_default_model
 from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
@@ -22,27 +23,6 @@ SHIPPED = get_parameters(SPEC)
 PARAMS = [(n, v + np.float32(0.01)) for n, v in SHIPPED]  # what a device trained
 MODEL = RoundModel.from_bytes(0, spec_to_bytes(SPEC))
 CONFIG = TaskConfig(epochs=1, batch_size=32, learning_rate=1e-3)
-
-
-class Gateway:
-    def __init__(self) -> None:
-        self.registry = SessionRegistry(idle_ttl_s=30)
-        self.board = TaskBoard()
-        self.service = DeviceService(
-            self.registry, self.board, parameter_infos(SPEC), 50, long_poll_ms=100
-        )
-        self.server, port = start_server(self.service, "127.0.0.1:0")
-        self.port = port
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = device_pb2_grpc.DeviceServiceStub(self.channel)
-
-    def register(self, device_id: str) -> tuple[str, int]:
-        session = self.stub.Register(device_pb2.RegisterRequest(device_id=device_id)).session_id
-        return session, self.registry.touch(session).node_id
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(0).wait()
 
 
 @pytest.fixture
