@@ -3,7 +3,9 @@
 The device side — the gRPC gateway (TLS, tokens, rate limits), the session registry, the task
 board and DeviceGrid, Flower's Grid whose nodes are those devices — around one
 :class:`~fedcoreml.server.federated_run.FederatedRun`, the part shared with the Flower App.
-Once the last round is done, the devices are told the run is finished.
+Every model version is committed to the run directory before a task or ``RunFinished`` names
+it (see :meth:`FederatedRun.publish`). Once the last round is done, the devices are told the run
+is finished.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Coordinator:
             config.round_timeout,
             round_offset=self.federated.start_round,
             policy=RoundPolicy(config.over_selection, config.min_reports, config.max_attempts),
+            publish=self.federated.publish,
         )  # fmt: skip
         self._server = None
         self.port: int | None = None
@@ -124,21 +127,35 @@ class Coordinator:
             self._server.stop(grace_s).wait()
             self._server = None
 
-    def run(self) -> Path:
-        """Run every round; returns the path of final.mlmodel."""
+    def run(self, lingering: bool = False) -> Path:
+        """Run every round; returns the path of final.mlmodel.
+
+        ``lingering``: the caller keeps serving after this returns (``--linger``), so devices
+        that come back later still hear that the run is finished.
+        """
         if self._server is None:
             self.start()
         # Outside Flower's runtime nobody else sets the task identity Flower's messages need.
         set_task_identity(self.federated.run_id)
         final = self.federated.run(self.grid)
-        self._finish(final)
+        self._finish(final, lingering)
         return self.federated.run_dir.final_model
 
-    def _finish(self, final: RoundModel) -> None:
-        """Tell the devices, and give every live one a chance to hear it before stopping."""
+    def _finish(self, final: RoundModel, lingering: bool) -> None:
+        """Tell the devices, and give every live one a chance to hear it before stopping.
+
+        A coordinator resumed after the last round was committed (killed at the very end) has
+        no device yet: unless it lingers, it waits up to a session TTL for as many devices as
+        the run needs to come back and hear it, instead of leaving them to retry into the void.
+        """
         self.board.finish_run(final)
-        grace_end = time.monotonic() + 2 * self.config.poll_interval_ms / 1000 + 1.0
-        while time.monotonic() < grace_end and not self.board.told_finished(
-            self.registry.live_node_ids()
-        ):
+        now = time.monotonic()
+        grace_end = now + 2 * self.config.poll_interval_ms / 1000 + 1.0
+        wanted = 0
+        if self.federated.start_round >= self.config.rounds and not lingering:
+            grace_end, wanted = now + self.config.session_ttl, self.config.min_devices
+        while time.monotonic() < grace_end:
+            live = self.registry.live_node_ids()
+            if len(live) >= wanted and self.board.told_finished(live):
+                return
             time.sleep(0.05)

@@ -7,6 +7,10 @@ comes back as the reply message Flower expects: an ``ArrayRecord`` of the update
 (Core ML layout, the model's names) and a ``MetricRecord`` with ``num-examples``, ``loss``,
 ``accuracy`` and ``train-seconds``.
 
+Every model is handed to ``publish`` (the run's commit, :meth:`FederatedRun.publish`) before the
+first task naming it goes on the board, so no device can be told of a version that a crash could
+take back.
+
 DeviceGrid is also an :class:`~fedcoreml.server.mean_on_arrival.UpdateFeed`: when a strategy
 hands it an aggregator for a training round, every update accepted in that round is folded into
 it as it arrives, and each device's reply carries only its own MetricRecord.
@@ -20,7 +24,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flwr.app import (
@@ -98,6 +102,7 @@ class DeviceGrid(Grid):
         task_timeout_s: float = 600.0,
         round_offset: int = 0,
         policy: RoundPolicy | None = None,
+        publish: Callable[[RoundModel], None] | None = None,
     ) -> None:
         self.registry = registry
         self.board = board
@@ -105,6 +110,8 @@ class DeviceGrid(Grid):
         self.task_timeout_s = task_timeout_s
         self.round_offset = round_offset
         self.policy = policy or RoundPolicy()
+        # called with every model before a task names it: commits it (FederatedRun.publish)
+        self.publish = publish
         self._run = Run.create_empty(run_id)
         self._lock = threading.Lock()
         self._pushed: dict[str, tuple[Message, Task]] = {}  # message id -> (instruction, task)
@@ -301,6 +308,8 @@ class DeviceGrid(Grid):
         model = models.get(id(arrays))
         if model is None:
             model = self.store.build(arrays_to_parameters(arrays), version=max(version, 0))
+            if self.publish is not None:  # durable before any device can be told of it
+                self.publish(model)
             models[id(arrays)] = model
         task_config = None
         if kind == MessageType.TRAIN:

@@ -3,15 +3,17 @@
 The same code runs for ``fedcoreml server`` (over DeviceGrid, whose nodes are devices behind the
 gRPC gateway) and for the Flower App's ServerApp (over the Grid Flower's runtime hands it, whose
 nodes are SuperNodes or simulated clients). After every round it bakes the new global parameters
-into the exact .mlmodel that will be shipped next, judges that file with the reference interpreter
-on held-out data, and records it in the run directory. No TensorFlow here: the spec, numpy and
-Flower only.
+into the exact .mlmodel that will be shipped next and commits it to the run directory (model file,
+then commit record, both durable) before anything can name that version to a device; judging the
+file with the reference interpreter on held-out data follows in the background and appends the
+round's metrics line. No TensorFlow here: the spec, numpy and Flower only.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,12 +37,13 @@ from fedcoreml.ios_bridge.mlmodel_io import load_spec, spec_from_bytes, spec_to_
 from fedcoreml.ios_bridge.network import parse_network
 from fedcoreml.ios_bridge.parameters import get_parameters, strip_parameters
 from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_params
+from fedcoreml.server import crash_points
 from fedcoreml.server.device_grid import DeviceGrid
 from fedcoreml.server.exchanges import ExchangeStats, RecordingGrid
 from fedcoreml.server.gateway.task_board import RoundModel
 from fedcoreml.server.model_store import ModelStore
 from fedcoreml.server.run_config import CoordinatorConfig, RoundRecord, check_config
-from fedcoreml.server.run_dir import RunDirectory
+from fedcoreml.server.run_dir import RunDirectory, RunDirectoryError
 from fedcoreml.server.strategies import make_strategy
 
 log = logging.getLogger("fedcoreml.coordinator")
@@ -57,6 +60,7 @@ class FederatedRun:
         run_id: int | None = None,
     ) -> None:
         check_config(config)
+        crash_points.configured()  # a malformed FEDCOREML_CRASH_AT is refused before anything
         self.config = config
         self.on_round = on_round
         # Resuming: rounds up to and including this one are committed in the run directory.
@@ -81,6 +85,15 @@ class FederatedRun:
         self.store = ModelStore(self.spec, self.model_name)
         self.run_id = run_id if run_id is not None else secrets.randbits(63)
         self.records: list[RoundRecord] = []
+        # model version -> sha256 of every committed round; a version is committed once, for good
+        self._commit_lock = threading.Lock()
+        self._committed: dict[int, str] = {}
+        self._unjudged: list[dict] = []
+        if resume_after is not None:
+            commits = self.run_dir.committed()
+            self._committed = {int(c["round"]): c["model_sha256"] for c in commits}
+            self._unjudged = self.run_dir.unjudged(commits)
+        self._history: Callable[[], list[ExchangeStats]] = list
 
     def _load_model(self) -> tuple[Model_pb2.Model, str]:
         if self.resume_after is not None:
@@ -116,12 +129,17 @@ class FederatedRun:
         """
         config = self.config
         parameters = get_parameters(self.spec, self.model_name)
-        if self.resume_after is None:
+        continuing = self.run_dir.config_file.exists()
+        if self.resume_after is None:  # refuses a directory that holds another run
             self.run_dir.write_config(
                 {**config.to_json(), "model_name": self.model_name, "run_id": self.run_id}
             )
-        else:
-            committed = self.store.build(parameters, 0)
+        if continuing:
+            for leftover in self.run_dir.remove_leftovers():
+                log.info("removed %s, left by a write that a crash interrupted", leftover)
+        if self.resume_after is not None:
+            committed = self.store.build(parameters, self.resume_after)
+            self.publish(committed)  # refuses a reload that is not the committed model's bytes
             log.info(
                 "resuming run %d after round %d of %d (global model sha256 %s)",
                 self.run_id, self.resume_after, config.rounds, committed.sha256,
@@ -144,43 +162,89 @@ class FederatedRun:
             self.training.epochs, self.training.batch_size, self.training.learning_rate,
         )  # fmt: skip
         remaining = config.rounds - self.start_round
-        if remaining <= 0:  # every round was committed before the crash: just finish
-            return self._complete(initial)
         self._judge_in_background = judge_in_background
         self._deferred: list[tuple] = []
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._judgements: list[Future[RoundRecord]] = []
+        arrays = initial  # every round was committed before the crash: just finish
         try:
-            result = self.strategy.start(
-                grid=grid,
-                initial_arrays=initial,
-                num_rounds=remaining,
-                timeout=config.round_timeout,
-                train_config=train_config,
-                evaluate_config=ConfigRecord(shared),
-                evaluate_fn=self._after_round,
-            )
+            self._judge_committed()
+            if remaining > 0:
+                result = self.strategy.start(
+                    grid=grid,
+                    initial_arrays=initial,
+                    num_rounds=remaining,
+                    timeout=config.round_timeout,
+                    train_config=train_config,
+                    evaluate_config=ConfigRecord(shared),
+                    evaluate_fn=self._after_round,
+                )
+                arrays = result.arrays if len(result.arrays) else initial
         finally:
             self._judge.shutdown(wait=True)
         self._judge_deferred()
         for judgement in self._judgements:
             judgement.result()  # re-raise a failure of the evaluation thread
-        return self._complete(result.arrays if len(result.arrays) else initial)
+        return self._complete(arrays)
 
     def _complete(self, arrays: ArrayRecord) -> RoundModel:
         final = self.store.build(arrays_to_parameters(arrays), version=self.config.rounds)
+        self.publish(final)  # the last round's committed model, never another one
         path = self.run_dir.write_final_model(final.data)
+        crash_points.reached("after-final", self.config.rounds)
         log.info("run finished: %s (sha256 %s)", path, final.sha256[:12])
         return final
+
+    # -- committing ---------------------------------------------------------------------------
+
+    def publish(self, model: RoundModel) -> None:
+        """Make sure ``model`` is committed before anything names its version to a device.
+
+        The first time a version is published its round is committed: the model file, then its
+        commit record, each written atomically and durably. Publishing it again is free; a
+        different model under a committed version is refused (RunDirectoryError), since a device
+        may already hold the first one. The commit record keeps what the round's exchanges
+        yielded so far, for a round judged only after a restart.
+        """
+        exchanges = [s for s in self._history() if s.round == model.version]
+        self._commit(model, _round_fields(exchanges, sum(s.seconds for s in exchanges)))
+
+    def _commit(self, model: RoundModel, fields: dict) -> bool:
+        """Commit ``model`` as its version (see :meth:`publish`); False if it already was."""
+        with self._commit_lock:
+            committed = self._committed.get(model.version)
+            if committed == model.sha256:
+                return False
+            if committed is not None:
+                raise RunDirectoryError(
+                    f"model version {model.version} is committed as sha256 {committed[:12]}...; "
+                    f"refusing to publish another model ({model.sha256[:12]}...) under it"
+                )
+            crash_points.reached("after-aggregate", model.version)
+            self.run_dir.write_round_model(model.version, model.data)
+            crash_points.reached("after-model-file", model.version)
+            self.run_dir.append_commit(
+                {
+                    "round": model.version,
+                    "model_sha256": model.sha256,
+                    "size_bytes": len(model.data),
+                    **fields,
+                }
+            )
+            self._committed[model.version] = model.sha256
+            crash_points.reached("after-commit", model.version)
+            return True
 
     # -- per round ----------------------------------------------------------------------------
 
     def _after_round(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Flower's evaluate_fn: build the model that will be shipped next, and have it recorded.
+        """Flower's evaluate_fn: commit the model that will be shipped next, have it judged.
 
-        Writing its file and judging it (reference interpreter on the held-out set) run on one
-        background thread, overlapping the next round; files and metrics lines still come out in
-        round order, and all of them are written before ``run`` returns.
+        It runs before the strategy configures the next round, so the model is durable before
+        any task can name it (the device grid commits it even earlier when evaluate tasks ship
+        it). Judging (reference interpreter on the held-out set) runs on one background thread,
+        overlapping the next round; metrics lines still come out in round order, and all of them
+        are written before ``run`` returns.
         """
         if self.resume_after is not None and server_round == 0:
             return  # Flower's "initial" evaluation is the committed round, recorded already
@@ -189,48 +253,53 @@ class FederatedRun:
         model = self.store.build(arrays_to_parameters(arrays), version=server_round)
         exchanges = [s for s in self._history() if s.round == server_round]
         seconds = sum(s.seconds for s in exchanges) + time.monotonic() - start
+        fields = _round_fields(exchanges, seconds)
+        self._commit(model, fields)
+        self._schedule_judging(server_round, model, fields)
+
+    def _schedule_judging(self, server_round: int, model: RoundModel, fields: dict) -> None:
         if not self._judge_in_background:
-            self._deferred.append((server_round, model, exchanges, seconds))
+            self._deferred.append((server_round, model, fields))
             if self._history():  # the runtime is up: nothing will fork beside the judge now
                 self._judge_deferred()
             return
-        self._judgements.append(
-            self._judge.submit(self._judge_round, server_round, model, exchanges, seconds)
-        )
+        self._judgements.append(self._judge.submit(self._judge_round, server_round, model, fields))
+
+    def _judge_committed(self) -> None:
+        """Judge the rounds committed before a restart but not judged, first and in order."""
+        for commit in self._unjudged:
+            log.info("round %d was committed but not judged before the restart; judging it",
+                     commit["round"])  # fmt: skip
+            self._schedule_judging(*self._committed_round(commit))
+        self._unjudged = []
+
+    def _committed_round(self, commit: dict) -> tuple[int, RoundModel, dict]:
+        round_number = int(commit["round"])
+        data = self.run_dir.round_model(round_number).read_bytes()  # checked on opening
+        fields = {k: commit.get(k, v) for k, v in _round_fields([], 0.0).items()}
+        return round_number, RoundModel.from_bytes(round_number, data), fields
 
     def _judge_deferred(self) -> None:
         while self._deferred:
             self._judge_round(*self._deferred.pop(0))
 
-    def _judge_round(
-        self, server_round: int, model: RoundModel, exchanges: list, seconds: float
-    ) -> RoundRecord:
-        self.run_dir.write_round_model(server_round, model.data)
+    def _judge_round(self, server_round: int, model: RoundModel, fields: dict) -> RoundRecord:
         # Judge the bytes exactly as a device receives them.
         judged = ReferenceInterpreter(spec_from_bytes(model.data), self.model_name)
+        crash_points.reached("mid-judging", server_round)
         loss, accuracy = judged.evaluate(
             self.eval_data.x_test, self.eval_data.y_test, self.probabilities
-        )
-        # a round without an exchange of a kind (the initial model's) counts nothing for it
-        train = next((s for s in exchanges if s.kind == "train"), ExchangeStats("train", 0))
-        evaluate = next(
-            (s for s in exchanges if s.kind == "evaluate"), ExchangeStats("evaluate", 0)
         )
         record = RoundRecord(
             round=server_round,
             test_accuracy=round(accuracy, 6),
             test_loss=round(loss, 6),
-            devices_sampled=train.sampled,
-            devices_reported=train.reported,
-            devices_failed=train.failed,
-            examples=train.examples,
-            seconds=round(seconds, 3),
             model_sha256=model.sha256,
-            evaluated_devices=evaluate.reported,
-            device_accuracy=evaluate.accuracy,
-            abandoned_attempts=train.abandoned,
+            **fields,
         )
+        crash_points.reached("before-metrics", server_round)
         self.run_dir.append_metrics(asdict(record))
+        crash_points.reached("after-metrics", server_round)
         self.records.append(record)
         log.info(
             "round %d: test accuracy %.4f, loss %.4f (%d/%d devices reported, %d examples)",
@@ -240,3 +309,19 @@ class FederatedRun:
         if self.on_round is not None:
             self.on_round(record)
         return record
+
+
+def _round_fields(exchanges: list[ExchangeStats], seconds: float) -> dict:
+    """A round's RoundRecord fields from its exchanges (a kind without one counts nothing)."""
+    train = next((s for s in exchanges if s.kind == "train"), ExchangeStats("train", 0))
+    evaluate = next((s for s in exchanges if s.kind == "evaluate"), ExchangeStats("evaluate", 0))
+    return {
+        "devices_sampled": train.sampled,
+        "devices_reported": train.reported,
+        "devices_failed": train.failed,
+        "examples": train.examples,
+        "seconds": round(seconds, 3),
+        "evaluated_devices": evaluate.reported,
+        "device_accuracy": evaluate.accuracy,
+        "abandoned_attempts": train.abandoned,
+    }

@@ -1,11 +1,18 @@
 """The coordinator's run directory: config, per-round metrics, and every round's model.
 
     run.json                  the configuration the run was started with
-    metrics.jsonl             one JSON line per round
     models/round-NNNN.mlmodel the global model after round NNNN (round 0: the initial model)
+    commits.jsonl             one JSON line per committed round: its model's sha256 and size,
+                              and what its exchanges with the devices yielded
+    metrics.jsonl             one JSON line per round, once its model has been judged
     final.mlmodel             the model the run ended with
 
-Every write replaces a file atomically, so a crash never leaves a half-written file behind.
+A round is *committed* once its model file and then its line in commits.jsonl are durable; the
+coordinator commits a model version before any device can be told of it, so a version names one
+model for good, across crashes and restarts too. Judging comes later: metrics.jsonl may trail
+commits.jsonl by the rounds being judged when the process died, and a resumed run judges them.
+Every write replaces a file atomically and durably (temporary file, fsync, rename, fsync of the
+folder), so a crash never leaves a half-written file behind.
 Files are 0644 and folders 0755: anyone on the machine may read a run. Nothing is created until
 a new run records its configuration (:meth:`RunDirectory.write_config`), which refuses a
 directory that already holds another run; opening one to resume creates nothing.
@@ -46,6 +53,10 @@ class RunDirectory:
         return self.path / "metrics.jsonl"
 
     @property
+    def commits_file(self) -> Path:
+        return self.path / "commits.jsonl"
+
+    @property
     def final_model(self) -> Path:
         return self.path / "final.mlmodel"
 
@@ -59,6 +70,7 @@ class RunDirectory:
         """
         if self.path.exists() and not self.path.is_dir():
             raise RunDirectoryError(f"{self.path}: not a directory; choose another --run-dir")
+        # (commits.jsonl is never without run.json, which is written first)
         held = [f.name for f in (self.config_file, self.metrics_file) if f.exists()]
         if held:
             resume = f"continue it with --resume {shlex.quote(str(self.path))}, or "
@@ -71,11 +83,13 @@ class RunDirectory:
         """Start the run's record: create the directory and write run.json.
 
         Refuses a directory that holds another run. Rewriting run.json of the same run (its
-        ``run_id``) is allowed while no round is recorded: a run stopped before its first record
+        ``run_id``) is allowed while no round is committed: a run stopped before its first commit
         and resumed starts from the beginning.
         """
         recorded = self.read_config() if self.config_file.exists() else None
-        restart = recorded is not None and not self.metrics_file.exists()
+        restart = recorded is not None and not (
+            self.commits_file.exists() or self.metrics_file.exists()
+        )
         if not (restart and recorded.get("run_id") == config.get("run_id")):
             self.check_new()
         _make_dir(self.path)
@@ -89,14 +103,25 @@ class RunDirectory:
     def write_final_model(self, data: bytes) -> Path:
         return write_bytes_atomic(self.final_model, data)
 
+    def append_commit(self, line: dict[str, Any]) -> None:
+        """Record a round as committed (its model file must be durable already).
+
+        The first commit of a run recorded before commits.jsonl existed carries its metrics
+        lines' rounds over, so that the file still starts at round 0.
+        """
+        if not self.commits_file.exists() and self.metrics_file.exists():
+            for old in self.read_metrics():
+                _append_line(self.commits_file, {k: old[k] for k in ("round", "model_sha256")})
+        _append_line(self.commits_file, line)
+
     def append_metrics(self, line: dict[str, Any]) -> None:
-        existing = self.metrics_file.read_text() if self.metrics_file.exists() else ""
-        write_text_atomic(self.metrics_file, existing + json.dumps(line, sort_keys=True) + "\n")
+        _append_line(self.metrics_file, line)
+
+    def read_commits(self) -> list[dict[str, Any]]:
+        return _read_lines(self.commits_file)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+        return _read_lines(self.metrics_file)
 
     def read_config(self) -> dict[str, Any]:
         if not self.path.is_dir():
@@ -111,28 +136,92 @@ class RunDirectory:
             raise RunDirectoryError(f"{self.config_file}: expected a JSON object")
         return config
 
-    def last_committed_round(self) -> int | None:
-        """The last round whose model file and metrics line are both complete and agree.
+    def committed(self) -> list[dict[str, Any]]:
+        """The committed rounds' records, 0, 1, 2 ... in order, each checked against its file.
 
-        A round is committed once its metrics line is written, which happens after its model
-        file; a model file without its line (a crash in between) does not count, and a file
-        whose sha256 differs from the one recorded is refused as corrupt.
+        A model file without its commit record (a crash in between) does not count: that round
+        was never shown to a device and is run again. A missing model file, a file whose sha256
+        differs from its record, a gap in the rounds, or a metrics line that names another
+        model than the commit of its round is refused as a damaged run directory. A run
+        recorded before commits.jsonl existed counts its metrics lines as its commits.
         """
-        last = None
-        for line in self.read_metrics():
+        commits = self.read_commits()
+        metrics = self.read_metrics()
+        source = self.commits_file.name
+        if not self.commits_file.exists():
+            commits, source = metrics, self.metrics_file.name
+        for expected, line in enumerate(commits):
             round_number = int(line["round"])
-            path = self.round_model(round_number)
-            if not path.exists():
-                raise RunDirectoryError(f"{path}: missing, but metrics.jsonl records round "
-                                        f"{round_number}")  # fmt: skip
-            digest = sha256_hex(path.read_bytes())
-            if digest != line["model_sha256"]:
+            if round_number != expected:
                 raise RunDirectoryError(
-                    f"{path}: sha256 {digest[:12]}... differs from the {line['model_sha256'][:12]}"
-                    "... recorded in metrics.jsonl"
+                    f"{self.path / source}: round {round_number} where round {expected} "
+                    "was expected"
                 )
-            last = round_number
-        return last
+            self._check_model(round_number, line["model_sha256"], source)
+        for line in metrics:
+            round_number = int(line["round"])
+            if round_number >= len(commits):
+                raise RunDirectoryError(
+                    f"{self.metrics_file}: round {round_number} was never committed"
+                )
+            if line["model_sha256"] != commits[round_number]["model_sha256"]:
+                raise RunDirectoryError(
+                    f"{self.metrics_file}: round {round_number} names model "
+                    f"{line['model_sha256'][:12]}... but {source} committed "
+                    f"{commits[round_number]['model_sha256'][:12]}..."
+                )
+        return commits
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the temporary files of writes a crash interrupted; returns what was deleted.
+
+        Such a file (``.NAME.XXXX.tmp``, see ios_bridge/atomic_file.py) never replaced its
+        target, so nothing refers to it. Call it only while no write is under way.
+        """
+        leftovers = [p for folder in (self.path, self.models) for p in folder.glob(".*.tmp")]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return leftovers
+
+    def last_committed_round(self) -> int | None:
+        """The last committed round (see :meth:`committed`), or None before round 0's commit."""
+        commits = self.committed()
+        return len(commits) - 1 if commits else None
+
+    def unjudged(self, commits: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Commit records of the committed rounds without a metrics line yet, in order.
+
+        ``commits``: what :meth:`committed` returned, if it was just called.
+        """
+        judged = {int(line["round"]) for line in self.read_metrics()}
+        commits = self.committed() if commits is None else commits
+        return [line for line in commits if int(line["round"]) not in judged]
+
+    def _check_model(self, round_number: int, sha256: str, source: str) -> None:
+        path = self.round_model(round_number)
+        if not path.exists():
+            raise RunDirectoryError(f"{path}: missing, but {source} records round {round_number}")
+        digest = sha256_hex(path.read_bytes())
+        if digest != sha256:
+            raise RunDirectoryError(
+                f"{path}: sha256 {digest[:12]}... differs from the {sha256[:12]}... recorded in "
+                f"{source}"
+            )
+
+
+def _append_line(path: Path, line: dict[str, Any]) -> None:
+    """Append one JSON line by rewriting the file atomically: never a torn last line."""
+    existing = path.read_text() if path.exists() else ""
+    write_text_atomic(path, existing + json.dumps(line, sort_keys=True) + "\n")
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+    except ValueError as exc:
+        raise RunDirectoryError(f"{path}: not valid JSON lines ({exc})") from None
 
 
 def _make_dir(path: Path) -> None:

@@ -260,7 +260,7 @@ def _server(args: argparse.Namespace) -> int:
         with stop_signals():
             try:
                 coordinator.start()
-                final = coordinator.run()
+                final = coordinator.run(lingering=args.linger)
             except StopRequested as stop:
                 coordinator.stop()
                 print(f"fedcoreml server: {_stopped(args, coordinator, stop)}", file=sys.stderr)

@@ -87,8 +87,20 @@ class FakeCoordinator(device_pb2_grpc.DeviceServiceServicer):
         self.corrupt_downloads = 0  # flip a byte in this many downloads
         self.throttle_get_task_ms: list[int] = []  # RESOURCE_EXHAUSTED + retry-after-ms
         self.long_poll_ms = 0
+        # the coordinator dies during the next call of each RPC named (UNAVAILABLE) and comes
+        # back without the sessions it had, as a restarted coordinator does
+        self.restart_at: list[str] = []
         self.get_task_times: list[float] = []  # monotonic time of every GetTask call
         self.update_chunks: list[int] = []  # data bytes of every tensor chunk received
+
+    def _maybe_restart(self, rpc: str, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            restart = rpc in self.restart_at
+            if restart:
+                self.restart_at.remove(rpc)
+                self._sessions.clear()
+        if restart:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "injected: the coordinator restarts")
 
     def _device(self, session_id: str, context: grpc.ServicerContext) -> str:
         with self._lock:
@@ -132,6 +144,7 @@ class FakeCoordinator(device_pb2_grpc.DeviceServiceServicer):
         return device_pb2.GetTaskResponse(finished=device_pb2.RunFinished(reason="done"))
 
     def DownloadModel(self, request, context):  # noqa: N802 (gRPC names)
+        self._maybe_restart("DownloadModel", context)
         self._device(request.session_id, context)
         model = self._models.get(request.task_id)
         if model is None:
@@ -158,6 +171,7 @@ class FakeCoordinator(device_pb2_grpc.DeviceServiceServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "injected: connection lost")
 
     def SubmitUpdate(self, request_iterator, context):  # noqa: N802 (gRPC names)
+        self._maybe_restart("SubmitUpdate", context)
         first = next(request_iterator)
         device = self._device(first.header.session_id, context)
         if self.refuse_submissions is not None:

@@ -175,6 +175,34 @@ def test_an_unknown_session_registers_again():
     assert client.stats.registrations == 2 and client.stats.finished
 
 
+def test_a_task_unknown_at_download_is_dropped_for_the_next_one():
+    """protos/README.md: NOT_FOUND for a task: drop it and call GetTask (same session)."""
+    fake = FakeCoordinator([train("forgotten", MODEL_0), train("t2", MODEL_1)], {"t2": MODEL_1})
+    trainer = OffsetTrainer()
+    client = run_client(fake, trainer)
+    assert trainer.trained == ["t2"] and list(fake.updates) == [("phone-1", "t2")]
+    assert client.stats.failures == 1 and client.stats.refusals == {"NOT_FOUND": 1}
+    assert client.stats.registrations == 1 and client.stats.finished
+
+
+@pytest.mark.parametrize("rpc", ["DownloadModel", "SubmitUpdate"])
+def test_a_coordinator_restarted_under_a_task_is_met_by_dropping_it_and_registering(rpc):
+    """Killed mid-call and restarted: the retry meets NOT_FOUND (the session, and the task, are
+    unknown now); the device drops the task, registers again and does the next task it gets."""
+    fake = FakeCoordinator([train("t1", MODEL_0), train("t2", MODEL_1)],
+                           {"t1": MODEL_0, "t2": MODEL_1})  # fmt: skip
+    fake.restart_at = [rpc]
+    trainer = OffsetTrainer()
+    client = run_client(fake, trainer)
+    # t1 was lost with the old coordinator (trained, when the restart hit its submission)
+    assert trainer.trained == (["t1", "t2"] if rpc == "SubmitUpdate" else ["t2"])
+    assert list(fake.updates) == [("phone-1", "t2")]
+    assert client.stats.registrations == 2 and client.stats.failures == 1
+    # UNAVAILABLE retried once; NOT_FOUND for the task's call, then for GetTask's session
+    assert client.stats.refusals == {"UNAVAILABLE": 1, "NOT_FOUND": 2}
+    assert client.stats.finished
+
+
 def test_unavailable_is_retried_with_backoff_until_give_up():
     fake = FakeCoordinator([], {})
     fake.get_task_faults = [grpc.StatusCode.UNAVAILABLE] * 10_000

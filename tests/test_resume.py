@@ -25,9 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    path = run_dir / name
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def commits(run_dir: Path) -> dict[int, str]:
+    """Committed rounds (model file and commit record durable) and their models' sha256."""
+    return {c["round"]: c["model_sha256"] for c in metrics(run_dir, "commits.jsonl")}
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -56,20 +61,20 @@ def test_kill_9_twice_and_resume(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        # 1: kill while round 2 is being trained (round 1 just committed)
+        # 1: kill while round 2 is being trained (round 1 just judged)
         wait_for(lambda: len(metrics(run_dir)) >= 2, 120, "round 1")
         server.send_signal(signal.SIGKILL)
         server.wait()
-        committed = {m["round"]: m["model_sha256"] for m in metrics(run_dir)}
+        committed = commits(run_dir)
         first_stop = max(committed)
 
-        # 2: resume; kill the moment round 3's model file appears (aggregated, not yet judged)
+        # 2: resume; kill the moment round 3's model file appears (perhaps committed, not judged)
         server = start_server(["--resume", str(run_dir)], log)
         round3 = run_dir / "models" / "round-0003.mlmodel"
         wait_for(round3.exists, 120, "round 3's model file")
         server.send_signal(signal.SIGKILL)
         server.wait()
-        second_stop = max(m["round"] for m in metrics(run_dir))
+        second_stop = max(commits(run_dir))
 
         # 3: resume again and let it finish
         server = start_server(["--resume", str(run_dir)], log)
@@ -87,11 +92,12 @@ def test_kill_9_twice_and_resume(tmp_path):
     for line in lines:  # every recorded model is complete and is the one recorded
         data = (run_dir / "models" / f"round-{line['round']:04d}.mlmodel").read_bytes()
         assert hashlib.sha256(data).hexdigest() == line["model_sha256"]
+    assert commits(run_dir) == {m["round"]: m["model_sha256"] for m in lines}
     assert committed[first_stop] == lines[first_stop]["model_sha256"]  # committed rounds kept
     assert (run_dir / "final.mlmodel").read_bytes() == (
         run_dir / "models" / "round-0004.mlmodel"
     ).read_bytes()
-    # each restart continued from the committed model, bit for bit
+    # each restart continued from the last committed model, bit for bit
     resumed = re.findall(r"resuming run \d+ after round (\d+) of 4 \(global model sha256 (\w+)\)",
                          text)  # fmt: skip
     assert [int(r) for r, _ in resumed] == [first_stop, second_stop]

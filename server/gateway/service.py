@@ -25,6 +25,7 @@ from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
 from fedcoreml.ios_bridge.parameters import ParameterInfo, get_parameters
 from fedcoreml.ios_bridge.tensor_codec import MalformedUpdateError, decode_update, first_header
 from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
+from fedcoreml.server import crash_points
 from fedcoreml.server.gateway import refusals
 from fedcoreml.server.gateway.auth import authenticated_device_id
 from fedcoreml.server.gateway.errors import GatewayError
@@ -204,10 +205,13 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             if task is not None:
                 # Working on a task, a device may stay silent until the task's deadline.
                 self.registry.hold(session.node_id, task.deadline)
+                crash_points.after_reply(context, "after-handout", task.model.version)
                 return self._task_message(task)
             finished, final_model, reason = self.board.finished
             if finished:
                 self.board.mark_told_finished(session.node_id)
+                if final_model is not None:
+                    crash_points.after_reply(context, "after-run-finished", final_model.version)
                 return device_pb2.GetTaskResponse(
                     finished=device_pb2.RunFinished(
                         reason=reason,
