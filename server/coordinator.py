@@ -20,6 +20,7 @@ from fedcoreml.server.device_grid import DeviceGrid, RoundPolicy
 from fedcoreml.server.federated_run import FederatedRun
 from fedcoreml.server.flower_identity import set_task_identity
 from fedcoreml.server.gateway.auth import DEFAULT_BURST, DeviceAuthInterceptor, RateLimiter
+from fedcoreml.server.gateway.eligibility import EligibilityRule
 from fedcoreml.server.gateway.service import DeviceService, HandoutSchedule, start_server
 from fedcoreml.server.gateway.sessions import SessionRegistry
 from fedcoreml.server.gateway.task_board import RoundModel, TaskBoard
@@ -49,7 +50,12 @@ class Coordinator:
     ) -> None:
         self.config = config
         self.federated = FederatedRun(config, on_round, resume_after, run_id)
-        self.registry = SessionRegistry(idle_ttl_s=config.session_ttl)
+        self.registry = SessionRegistry(
+            idle_ttl_s=config.session_ttl,
+            eligibility=EligibilityRule(
+                config.require_charging, config.require_unmetered, config.min_battery
+            ),
+        )
         self.board = TaskBoard()
         self.service = DeviceService(
             self.registry, self.board, self.federated.store.infos, config.poll_interval_ms,
@@ -155,7 +161,7 @@ class Coordinator:
         if self.federated.start_round >= self.config.rounds and not lingering:
             grace_end, wanted = now + self.config.session_ttl, self.config.min_devices
         while time.monotonic() < grace_end:
-            live = self.registry.live_node_ids()
+            live = self.registry.live_node_ids(eligible_only=False)  # all are told
             if len(live) >= wanted and self.board.told_finished(live):
                 return
             time.sleep(0.05)

@@ -53,6 +53,10 @@ class CoordinatorConfig:
     # arrives (mean_on_arrival.py): memory stays one model's worth however many devices report.
     # False (--hold-updates): Flower's own strategies, every update held to the round's end.
     mean_on_arrival: bool = True
+    # Devices are sampled and handed tasks only while their last reported capabilities meet these.
+    require_charging: bool = False
+    require_unmetered: bool = False
+    min_battery: float | None = None  # in [0, 1]; None: any level, even unknown
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -111,6 +115,8 @@ def check_config(config: CoordinatorConfig) -> None:
         raise CoordinatorConfigError(
             f"--handout-rate must be 0 (no limit) or positive, got {config.handout_rate}"
         )
+    if config.min_battery is not None and not 0 <= config.min_battery <= 1:
+        raise CoordinatorConfigError(f"--min-battery must lie in [0, 1], got {config.min_battery}")
     if config.round_timeout <= 0:
         raise CoordinatorConfigError(
             f"--round-timeout must be positive, got {config.round_timeout}"

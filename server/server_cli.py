@@ -157,6 +157,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep every update until the round closes, even for strategies that only need "
         "their running mean (FedAvg family); costs one model's memory per device",
     )
+    server.add_argument(
+        "--require-charging",
+        action="store_true",
+        help="sample and hand tasks only to devices that report they are charging",
+    )
+    server.add_argument(
+        "--require-unmetered",
+        action="store_true",
+        help="sample and hand tasks only to devices that report an unmetered network (Wi-Fi)",
+    )
+    server.add_argument(
+        "--min-battery",
+        type=float,
+        metavar="LEVEL",
+        help="sample and hand tasks only to devices reporting at least this battery level, "
+        "0..1 (a device whose level is unknown is not eligible)",
+    )
     add_logging_options(server, default="info")
     server.set_defaults(handler=_server)
 
@@ -249,6 +266,9 @@ def _server(args: argparse.Namespace) -> int:
                 long_poll_ms=args.long_poll_ms,
                 handout_rate=args.handout_rate,
                 mean_on_arrival=not args.hold_updates,
+                require_charging=args.require_charging,
+                require_unmetered=args.require_unmetered,
+                min_battery=args.min_battery,
             )
         )
     if coordinator.config.tls_cert is None:

@@ -28,6 +28,7 @@ from fedcoreml.ios_bridge.wire import device_pb2, device_pb2_grpc
 from fedcoreml.server import crash_points
 from fedcoreml.server.gateway import refusals
 from fedcoreml.server.gateway.auth import authenticated_device_id
+from fedcoreml.server.gateway.eligibility import Capabilities
 from fedcoreml.server.gateway.errors import GatewayError
 from fedcoreml.server.gateway.listen import ListenError, check_listen_address
 from fedcoreml.server.gateway.sessions import Session, SessionRegistry
@@ -66,6 +67,13 @@ def _check_trained(model: RoundModel, parameters: list[tuple[str, np.ndarray]]) 
     shipped = _shipped_parameters(model)
     if all(np.array_equal(value, shipped[name]) for name, value in parameters):
         raise refusals.NOTHING_TRAINED.error()
+
+
+def _capabilities(request) -> Capabilities | None:
+    """The request's ``capabilities``, or None when it carries none."""
+    if not request.HasField("capabilities"):
+        return None
+    return Capabilities.of(request.capabilities)
 
 
 def _check_metrics(num_examples: int, loss: float, accuracy: float) -> None:
@@ -154,7 +162,11 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     token_device=shown(caller), device_id=shown(request.device_id)
                 )
             session = self.registry.register(
-                request.device_id, request.platform, request.os_version, request.app_version
+                request.device_id,
+                request.platform,
+                request.os_version,
+                request.app_version,
+                _capabilities(request),
             )
             # A device that registers again has restarted: whatever it was doing is lost.
             self.board.fail_node_tasks(session.node_id, "device registered again")
@@ -179,8 +191,15 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def GetTask(self, request, context):  # noqa: N802
         def body():
             session = self._session(request.session_id)
-            task = self.board.next_task(session.node_id)
-            if task is None and self.long_poll_ms > 0 and self._long_polls.acquire(blocking=False):
+            # An ineligible device is given no task (one already handed to it stays its own).
+            ineligible = self.registry.report(session.node_id, _capabilities(request))
+            task = None if ineligible else self.board.next_task(session.node_id)
+            if (
+                task is None
+                and not ineligible
+                and self.long_poll_ms > 0
+                and self._long_polls.acquire(blocking=False)
+            ):
                 # An idle device waits here for work instead of polling again and again; it
                 # stays live meanwhile (the wait is never longer than half the session TTL).
                 wait_s = min(self.long_poll_ms / 1000, self.registry.idle_ttl_s / 2)
@@ -220,7 +239,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 )
             return device_pb2.GetTaskResponse(
                 wait=device_pb2.Wait(
-                    retry_after_ms=self.poll_interval_ms, reason="no task for this device yet"
+                    retry_after_ms=self.poll_interval_ms,
+                    reason=ineligible or "no task for this device yet",
                 )
             )
 

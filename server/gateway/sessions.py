@@ -1,7 +1,8 @@
 """Registered devices, their sessions, node ids and liveness.
 
 A device is live while it keeps calling (any RPC refreshes it) within the idle TTL, or while it
-holds a task whose deadline has not passed. Node ids are what Flower's Grid calls nodes.
+holds a task whose deadline has not passed. Node ids are what Flower's Grid calls nodes. The
+coordinator samples only live devices whose last reported capabilities meet the eligibility rule.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from fedcoreml.ios_bridge.channel import valid_device_id
 from fedcoreml.ios_bridge.echo import shown
+from fedcoreml.server.gateway.eligibility import Capabilities, EligibilityRule
 from fedcoreml.server.gateway.refusals import (
     INVALID_DEVICE_ID,
     MISSING_SESSION,
@@ -31,13 +33,20 @@ class Session:
     app_version: str
     last_seen: float
     held_until: float = 0.0  # a device holding a task stays live until this (monotonic) time
+    capabilities: Capabilities | None = None  # as last reported; None: never reported
 
 
 class SessionRegistry:
     """Thread-safe registry of device sessions."""
 
-    def __init__(self, idle_ttl_s: float = 30.0, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        idle_ttl_s: float = 30.0,
+        clock=time.monotonic,
+        eligibility: EligibilityRule | None = None,
+    ) -> None:
         self.idle_ttl_s = idle_ttl_s
+        self.eligibility = eligibility or EligibilityRule()
         self._clock = clock
         self._lock = threading.Lock()
         self._by_session: dict[str, Session] = {}
@@ -45,7 +54,12 @@ class SessionRegistry:
         self._by_node: dict[int, Session] = {}
 
     def register(
-        self, device_id: str, platform: str = "", os_version: str = "", app_version: str = ""
+        self,
+        device_id: str,
+        platform: str = "",
+        os_version: str = "",
+        app_version: str = "",
+        capabilities: Capabilities | None = None,
     ) -> Session:
         """A new session for ``device_id``; one it had before is replaced (keeping its node)."""
         if not valid_device_id(device_id):
@@ -65,6 +79,7 @@ class SessionRegistry:
                 os_version=os_version,
                 app_version=app_version,
                 last_seen=self._clock(),
+                capabilities=capabilities,
             )
             self._by_session[session.session_id] = session
             self._by_device[device_id] = session
@@ -92,6 +107,19 @@ class SessionRegistry:
             session.last_seen = self._clock()
             return session
 
+    def report(self, node_id: int, capabilities: Capabilities | None) -> str | None:
+        """Record what a device reports about itself (None: nothing, the last report stands).
+
+        Returns why the device may not be given work now, or None when it may.
+        """
+        with self._lock:
+            session = self._by_node.get(node_id)
+            if session is None:
+                return self.eligibility.check(capabilities)
+            if capabilities is not None:
+                session.capabilities = capabilities
+            return self.eligibility.check(session.capabilities)
+
     def hold(self, node_id: int, until: float) -> None:
         """Keep a node live until ``until`` (monotonic), while it works on a task."""
         with self._lock:
@@ -116,10 +144,16 @@ class SessionRegistry:
             session = self._by_node.get(node_id)
             return session is not None and self._is_live(session, self._clock())
 
-    def live_node_ids(self) -> list[int]:
+    def live_node_ids(self, eligible_only: bool = True) -> list[int]:
+        """Live nodes; by default only those whose last reported capabilities are eligible."""
         with self._lock:
             now = self._clock()
-            return [s.node_id for s in self._by_session.values() if self._is_live(s, now)]
+            return [
+                s.node_id
+                for s in self._by_session.values()
+                if self._is_live(s, now)
+                and (not eligible_only or self.eligibility.check(s.capabilities) is None)
+            ]
 
     def session_of(self, node_id: int) -> Session | None:
         with self._lock:
