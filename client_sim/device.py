@@ -26,6 +26,7 @@ from importlib import metadata
 import grpc
 import numpy as np
 
+from fedcoreml.client_sim.availability import AvailabilityProfile
 from fedcoreml.client_sim.emulator import CoreMLEmulator
 from fedcoreml.ios_bridge.coremltools_quiet import Model_pb2
 from fedcoreml.ios_bridge.device_client import (
@@ -349,7 +350,9 @@ class SimulatedDevice:
     wrapped in a :class:`FaultyTrainer`. A device that vanishes ends :meth:`run` with
     ``stats.dropouts`` counted, or, with ``rejoin_after_seconds``, comes back that much later as
     a relaunched app (a new registration, the old task forgotten). Setting ``stop`` ends
-    :meth:`run` promptly (within a training at most).
+    :meth:`run` promptly (within a training at most). With ``availability`` the device reports
+    that profile's charging, network and battery (time counted from construction) instead of
+    the fixed ``capabilities``.
     """
 
     def __init__(
@@ -370,6 +373,7 @@ class SimulatedDevice:
         os_version: str = "simulated",
         app_version: str | None = None,
         capabilities: device_pb2.DeviceCapabilities | None = None,
+        availability: AvailabilityProfile | None = None,
         token: str | None = None,
     ) -> None:
         self.device_id = device_id
@@ -385,6 +389,7 @@ class SimulatedDevice:
             os_version=os_version,
             app_version=app_version if app_version is not None else _app_version(),
             capabilities=capabilities,
+            capabilities_provider=availability.provider() if availability is not None else None,
             token=token,
             retry=retry,
             stop=stop,

@@ -131,12 +131,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         '"fcm_...", ...} (what `fedcoreml tokens create --out FILE` writes); every device '
         "must have one",
     )
+    devices.add_argument(
+        "--availability",
+        default="always",
+        metavar="PROFILE",
+        help="when devices are eligible: always (charging, unmetered, battery full; default) or "
+        "phones (~40%% charging at a time in 30-120 s windows, ~70%% unmetered, battery "
+        "draining 0.5%%/s off the charger); pairs with `fedcoreml server --require-charging`",
+    )
     add_logging_options(devices, default="info")
     devices.set_defaults(handler=_devices)
 
 
 def _check(args: argparse.Namespace) -> None:
     """Refuse options out of range, and a coordinator address that does not resolve."""
+    from fedcoreml.client_sim.availability import AvailabilityError, preset
     from fedcoreml.client_sim.partition import parse_partition_spec
     from fedcoreml.ios_bridge.channel import DEVICE_ID_RULE, valid_device_id
     from fedcoreml.ios_bridge.host_port import AddressError, parse_host_port, resolve
@@ -177,6 +186,10 @@ def _check(args: argparse.Namespace) -> None:
         raise DevicesArgumentError(
             f"--concurrent-training must be at least 1, got {args.concurrent_training}"
         )
+    try:
+        preset(args.availability)
+    except AvailabilityError as exc:
+        raise DevicesArgumentError(f"--availability: {exc}") from None
 
 
 def _security(args: argparse.Namespace) -> dict[str, str]:
@@ -227,6 +240,7 @@ def _devices(args: argparse.Namespace) -> int:
         device_id_prefix=args.device_prefix,
         ca_cert=args.ca_cert,
         tokens=tokens,
+        availability=args.availability,
     )
     if args.ca_cert is None:
         print(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcoreml.client_sim.availability import preset
 from fedcoreml.client_sim.device import (
     DeviceData,
     DeviceStats,
@@ -121,7 +122,9 @@ class FleetOptions:
     ``slow_devices`` sleep ``slowdown_seconds`` before each submission. At most
     ``max_concurrent_training`` devices train or evaluate at once. ``ca_cert`` (a PEM file)
     switches the channels to TLS trusting that CA; ``tokens`` maps every device id to the
-    bearer token it authenticates with (empty: no authentication).
+    bearer token it authenticates with (empty: no authentication). ``availability`` names a
+    preset of :mod:`~fedcoreml.client_sim.availability` (``always``, ``phones``): when each
+    device charges, is on an unmetered network and how full its battery is.
     """
 
     seed: int = 0
@@ -140,6 +143,7 @@ class FleetOptions:
     device_id_prefix: str = "sim"
     ca_cert: str | os.PathLike[str] | None = None
     tokens: Mapping[str, str] = field(default_factory=dict)
+    availability: str = "always"
 
     def device_id(self, index: int) -> str:
         return f"{self.device_id_prefix}-{index:03d}"
@@ -174,6 +178,7 @@ def run_fleet(
             f"max_concurrent_training must be at least 1, got {options.max_concurrent_training}"
         )
     tokens = _device_tokens(options, len(data))
+    preset(options.availability)  # an unknown name fails here, before any channel opens
     stop = stop if stop is not None else threading.Event()
     slots = threading.Semaphore(options.max_concurrent_training)
     channels = [open_channel(address, options.ca_cert) for _ in data]
@@ -195,6 +200,7 @@ def run_fleet(
                 if options.poison and index in options.poison_devices
                 else None
             ),
+            availability=preset(options.availability, device_seed(options.seed, index)),
             token=token,
         )
         for index, (channel, device_data, token) in enumerate(

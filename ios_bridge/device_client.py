@@ -313,6 +313,9 @@ class DeviceClient:
     ``token`` is sent as ``authorization: Bearer <token>`` on every call. Setting ``stop`` ends
     :meth:`run` promptly (within a training at most). Random choices (jitter) follow ``seed``.
     ``on_call(rpc, seconds, refusal)`` is told of every call made, for measurements.
+    ``capabilities_provider``, when given, is asked for the device's current capabilities
+    (charging, network, battery) before Register and every GetTask; otherwise the fixed
+    ``capabilities`` are sent (default: charging, unmetered, battery full).
     """
 
     def __init__(
@@ -325,6 +328,7 @@ class DeviceClient:
         os_version: str = "",
         app_version: str = "",
         capabilities: device_pb2.DeviceCapabilities | None = None,
+        capabilities_provider: Callable[[], device_pb2.DeviceCapabilities] | None = None,
         token: str | None = None,
         retry: RetryPolicy | None = None,
         stop: threading.Event | None = None,
@@ -342,12 +346,12 @@ class DeviceClient:
         self.capabilities = capabilities or device_pb2.DeviceCapabilities(
             charging=True, unmetered_network=True, battery_level=1.0
         )
+        self._capabilities_provider = capabilities_provider
         self._registration = device_pb2.RegisterRequest(
             device_id=device_id,
             platform=platform,
             os_version=os_version,
             app_version=app_version,
-            capabilities=self.capabilities,
         )
         self._jitter = random.Random(f"{seed}:jitter")
         self._on_call = on_call
@@ -450,9 +454,18 @@ class DeviceClient:
 
     # -- low-level calls ----------------------------------------------------------------------
 
+    def current_capabilities(self) -> device_pb2.DeviceCapabilities:
+        """What the device reports now: the provider's answer, or the fixed capabilities."""
+        if self._capabilities_provider is None:
+            return self.capabilities
+        return self._capabilities_provider()
+
     def register(self) -> device_pb2.RegisterResponse:
         """Register (again); keeps the session id and the pacing hints."""
-        response = self._unary("Register", self.stub.Register, self._registration)
+        request = device_pb2.RegisterRequest()
+        request.CopyFrom(self._registration)
+        request.capabilities.CopyFrom(self.current_capabilities())
+        response = self._unary("Register", self.stub.Register, request)
         self.session_id = response.session_id
         self.pacing = response.pacing
         self.stats.registrations += 1
@@ -465,7 +478,7 @@ class DeviceClient:
     def get_task(self) -> device_pb2.GetTaskResponse:
         """One GetTask answer (the call is given a deadline beyond the server's long poll)."""
         request = device_pb2.GetTaskRequest(
-            session_id=self.session_id, capabilities=self.capabilities
+            session_id=self.session_id, capabilities=self.current_capabilities()
         )
         timeout = max(self.retry.rpc_timeout, self.pacing.long_poll_ms / 1000 + LONG_POLL_MARGIN_S)
         response = self._unary("GetTask", self.stub.GetTask, request, timeout)

@@ -91,6 +91,7 @@ class FakeCoordinator(device_pb2_grpc.DeviceServiceServicer):
         # back without the sessions it had, as a restarted coordinator does
         self.restart_at: list[str] = []
         self.get_task_times: list[float] = []  # monotonic time of every GetTask call
+        self.get_task_capabilities: list[device_pb2.DeviceCapabilities] = []  # of every GetTask
         self.update_chunks: list[int] = []  # data bytes of every tensor chunk received
 
     def _maybe_restart(self, rpc: str, context: grpc.ServicerContext) -> None:
@@ -125,6 +126,7 @@ class FakeCoordinator(device_pb2_grpc.DeviceServiceServicer):
         with self._lock:
             self.get_task_calls += 1
             self.get_task_times.append(time.monotonic())
+            self.get_task_capabilities.append(request.capabilities)
             throttle = self.throttle_get_task_ms.pop(0) if self.throttle_get_task_ms else None
             fault = self.get_task_faults.pop(0) if self.get_task_faults else None
             forget = self.forget_sessions > 0
