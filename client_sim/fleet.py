@@ -33,17 +33,15 @@ from fedcoreml.client_sim.device import (
     SimulatedDevice,
 )
 from fedcoreml.client_sim.partition import PartitionSpec, partition_indices
-from fedcoreml.ios_bridge.channel import CHANNEL_OPTIONS, open_channel
+from fedcoreml.ios_bridge.channel import open_channel
 from fedcoreml.ios_bridge.datasets import Dataset
 from fedcoreml.ios_bridge.device_client import DeviceClientError
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 
 __all__ = [
-    "CHANNEL_OPTIONS",
     "FleetError",
     "FleetOptions",
     "device_seed",
-    "open_channel",
     "partition_dataset",
     "pick_devices",
     "run_fleet",

@@ -275,14 +275,7 @@ class Bridge:
 
     def _unary(self, call_id: int, rpc: str, request: Message, metadata, timeout) -> None:
         future = getattr(self._stub, rpc).future(request, timeout=timeout, metadata=metadata)
-        if not self._on_cancel(call_id, future.cancel):
-            future.cancel()
-        try:
-            self.send({"id": call_id, "response": _to_json(future.result())})
-        except grpc.FutureCancelledError:
-            self.send({"id": call_id, "error": _cancelled()})
-        except grpc.RpcError as exc:
-            self.send({"id": call_id, "error": _status(exc)})
+        self._answer(call_id, future, lambda: False)
 
     def _download(self, call_id: int, request: Message, metadata, timeout) -> None:
         stream = self._stub.DownloadModel(request, timeout=timeout, metadata=metadata)
@@ -299,6 +292,10 @@ class Bridge:
         future = self._stub.SubmitUpdate.future(
             upload.messages(), timeout=timeout, metadata=metadata
         )
+        self._answer(call_id, future, upload.cancelled.is_set)
+
+    def _answer(self, call_id: int, future, cancelled_by_client: Callable[[], bool]) -> None:
+        """Send a unary answer's response or error line; a call the client cut is "cancelled"."""
         if not self._on_cancel(call_id, future.cancel):
             future.cancel()
         try:
@@ -306,7 +303,7 @@ class Bridge:
         except grpc.FutureCancelledError:
             self.send({"id": call_id, "error": _cancelled()})
         except grpc.RpcError as exc:
-            body = _cancelled() if upload.cancelled.is_set() else _status(exc)
+            body = _cancelled() if cancelled_by_client() else _status(exc)
             self.send({"id": call_id, "error": body})
 
     def _feed(self, call_id: int, line: dict[str, Any]) -> None:
