@@ -108,14 +108,18 @@ class Coordinator:
         interceptors = []
         if config.require_tokens:
             tokens = TokenStore(config.run_dir)
-            if not any(info.status == "active" for info in tokens.list()):
+            if not tokens.has_active():  # device tokens; a dashboard token opens no device port
                 log.warning(
                     "no active device token in %s/tokens.json: every device will be refused "
                     "(create some with: fedcoreml tokens create --run-dir %s)",
                     config.run_dir, config.run_dir,
                 )  # fmt: skip
             interceptors.append(
-                DeviceAuthInterceptor(tokens, RateLimiter(config.rate_limit, DEFAULT_BURST))
+                DeviceAuthInterceptor(
+                    tokens,
+                    RateLimiter(config.rate_limit, DEFAULT_BURST),
+                    self.service.refusal_counts,
+                )
             )
         self._server, self.port = start_server(
             self.service, config.listen, credentials=credentials, interceptors=interceptors

@@ -2,7 +2,8 @@
 
 Tokens live, hashed, in ``<run-dir>/tokens.json``; a running coordinator picks up changes (a
 revocation, say) at the next call. ``create`` shows each secret once and can add them to a token
-file for ``fedcoreml devices --token-file``.
+file for ``fedcoreml devices --token-file``. ``create --dashboard`` issues a token for the web
+dashboard (``fedcoreml server --dashboard``), which requires one when it listens beyond loopback.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def _add_create(actions: argparse._SubParsersAction) -> None:
         "--prefix", default="sim", help="id prefix for --count (default: sim, as devices uses)"
     )
     create.add_argument(
+        "--dashboard",
+        nargs="?",
+        const="dashboard",
+        default=None,
+        metavar="NAME",
+        help="issue one token for the web dashboard instead (fedcoreml server --dashboard), "
+        "named NAME (default: dashboard); a device token does not open the dashboard, nor a "
+        "dashboard token the device port",
+    )
+    create.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -69,7 +80,7 @@ def _add_create(actions: argparse._SubParsersAction) -> None:
 
 def _add_list(actions: argparse._SubParsersAction) -> None:
     listing = actions.add_parser(
-        "list", help="show every token: device, prefix, created, status (never the secret)"
+        "list", help="show every token: device, kind, prefix, created, status (never the secret)"
     )
     _run_dir_option(listing)
     listing.set_defaults(handler=_list)
@@ -111,6 +122,8 @@ def _create(args: argparse.Namespace) -> int:
     from fedcoreml.ios_bridge.token_file import write_token_file
     from fedcoreml.server.gateway.tokens import TokenStore, check_device_id
 
+    if args.dashboard is not None:
+        return _create_dashboard(args)
     ids = _device_ids(args)
     for device_id in ids:
         check_device_id(device_id)  # refuse all before issuing any
@@ -129,6 +142,24 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _create_dashboard(args: argparse.Namespace) -> int:
+    from fedcoreml.server.gateway.tokens import DASHBOARD, TokenStore, check_device_id
+
+    if args.device or args.count or args.out is not None:
+        raise TokensArgumentError(
+            "--dashboard issues one dashboard token: give it without --device, --count or --out"
+        )
+    check_device_id(args.dashboard)
+    store = TokenStore(args.run_dir)
+    secret = store.create(args.dashboard, kind=DASHBOARD)
+    print(f"{args.dashboard}  {secret}")
+    print(
+        f"Issued a dashboard token. Open the dashboard at http://HOST:PORT/?token={secret} "
+        f"(the page then keeps it in a cookie); {store.path} keeps only its hash."
+    )
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from fedcoreml.server.gateway.tokens import TokenStore
 
@@ -136,12 +167,17 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"No tokens in {args.run_dir} (issue some with `fedcoreml tokens create`).")
         return 0
-    rows = [("DEVICE", "TOKEN", "CREATED", "STATUS")] + [
-        (entry.device_id, entry.prefix + "...", entry.created, entry.status) for entry in entries
+    rows = [("DEVICE", "KIND", "TOKEN", "CREATED", "STATUS")] + [
+        (entry.device_id, entry.kind, entry.prefix + "...", entry.created, entry.status)
+        for entry in entries
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    for device, token, created, status in rows:
-        print(f"{device:<{widths[0]}}  {token:<{widths[1]}}  {created:<{widths[2]}}  {status}")
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for *cells, status in rows:
+        print(
+            "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths, strict=True)),
+            status,
+            sep="  ",
+        )
     return 0
 
 

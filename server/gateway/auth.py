@@ -35,6 +35,7 @@ from fedcoreml.ios_bridge.channel import AUTHORIZATION_KEY, RETRY_AFTER_KEY
 from fedcoreml.ios_bridge.echo import capped, shown
 from fedcoreml.ios_bridge.wire import device_pb2
 from fedcoreml.server.gateway.errors import GatewayError
+from fedcoreml.server.gateway.refusal_counts import RefusalCounts
 from fedcoreml.server.gateway.refusals import RATE_LIMITED
 from fedcoreml.server.gateway.tokens import TokenStore
 
@@ -112,9 +113,15 @@ class RateLimiter:
 class DeviceAuthInterceptor(grpc.ServerInterceptor):
     """Authenticates (and optionally rate-limits) every ``DeviceService`` call; see the module."""
 
-    def __init__(self, tokens: TokenStore, rate_limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        tokens: TokenStore,
+        rate_limiter: RateLimiter | None = None,
+        refusal_counts: RefusalCounts | None = None,
+    ) -> None:
         self.tokens = tokens
         self.rate_limiter = rate_limiter
+        self.refusal_counts = refusal_counts
         self._prefix = f"/{DEVICE_SERVICE}/"
 
     def intercept_service(
@@ -146,6 +153,8 @@ class DeviceAuthInterceptor(grpc.ServerInterceptor):
                     )
         except GatewayError as exc:
             details = capped(str(exc))  # one line, well under gRPC's metadata limit
+            if self.refusal_counts is not None:
+                self.refusal_counts.add(exc.key)
             log.info(
                 "%s refused (%s %s) for %s: %s",
                 rpc, exc.code, exc.key, shown(context.peer()), details,

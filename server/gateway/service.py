@@ -31,6 +31,7 @@ from fedcoreml.server.gateway.auth import authenticated_device_id
 from fedcoreml.server.gateway.eligibility import Capabilities
 from fedcoreml.server.gateway.errors import GatewayError
 from fedcoreml.server.gateway.listen import ListenError, check_listen_address
+from fedcoreml.server.gateway.refusal_counts import RefusalCounts
 from fedcoreml.server.gateway.sessions import Session, SessionRegistry
 from fedcoreml.server.gateway.task_board import (
     EvaluationResult,
@@ -131,6 +132,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         long_poll_ms: int = 2000,
         max_long_polls: int = 16,
         handout: HandoutSchedule | None = None,
+        refusal_counts: RefusalCounts | None = None,
     ) -> None:
         self.registry = registry
         self.board = board
@@ -138,6 +140,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self.poll_interval_ms = poll_interval_ms
         self.long_poll_ms = long_poll_ms
         self.handout = handout
+        self.refusal_counts = refusal_counts or RefusalCounts()
         # Each long poll holds a server thread; beyond this many, GetTask answers at once.
         self._long_polls = threading.BoundedSemaphore(max_long_polls)
 
@@ -147,6 +150,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             return body()
         except GatewayError as exc:
             details = capped(str(exc))  # one line, well under gRPC's metadata limit
+            self.refusal_counts.add(exc.key)
             log.info("%s refused (%s %s): %s", rpc, exc.code, exc.key, details)
             context.abort(getattr(grpc.StatusCode, exc.code), details)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedcoreml.ios_bridge.channel import valid_device_id
 from fedcoreml.ios_bridge.echo import shown
@@ -158,3 +158,10 @@ class SessionRegistry:
     def session_of(self, node_id: int) -> Session | None:
         with self._lock:
             return self._by_node.get(node_id)
+
+    def snapshot(self) -> tuple[float, list[tuple[Session, bool]]]:
+        """For read-only views: the registry's clock now, and a copy of every device's current
+        session with whether it is live."""
+        with self._lock:
+            now = self._clock()
+            return now, [(replace(s), self._is_live(s, now)) for s in self._by_device.values()]

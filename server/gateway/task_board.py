@@ -250,6 +250,13 @@ class TaskBoard:
                 self._finished_reason,
             )
 
+    def pending(self) -> list[tuple[int, TaskKind, int]]:
+        """For read-only views: (node id, kind, round) of every task not ended yet."""
+        with self._cond:
+            return [
+                (t.node_id, t.kind, t.round) for t in self._tasks.values() if t.status == "pending"
+            ]
+
     def next_task(self, node_id: int) -> Task | None:
         """The oldest pending task of a node (the same one again if it asks twice)."""
         with self._cond:

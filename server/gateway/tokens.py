@@ -1,6 +1,7 @@
 """Per-device bearer tokens, kept only as SHA-256 hashes in ``<run-dir>/tokens.json``.
 
-A token is issued for one device id and shown once (``fcm_`` + 43 URL-safe characters, 256
+A token is issued for one device id (or, of kind ``dashboard``, for one viewer of the coordinator's
+web dashboard) and shown once (``fcm_`` + 43 URL-safe characters, 256
 random bits); the store keeps its hash, the device id, a short prefix to name it by, the time it
 was created and whether it was revoked. The gateway calls :meth:`TokenStore.verify` on every
 device RPC; it re-reads the file whenever it changed on disk, so ``fedcoreml tokens revoke`` run
@@ -41,7 +42,10 @@ from fedcoreml.server.gateway.refusals import (
 )
 
 __all__ = [
+    "DASHBOARD",
+    "DEVICE",
     "TOKENS_FILE",
+    "TOKEN_KINDS",
     "TOKEN_PREFIX",
     "TokenError",
     "TokenInfo",
@@ -58,6 +62,12 @@ _FORMAT_VERSION = 1
 _SHOWN_CHARS = 8  # random characters of a token kept (after "fcm_") to name it in listings
 _MIN_PREFIX = len(TOKEN_PREFIX) + 4  # a shorter prefix would match too many tokens
 
+#: What a token opens: the device protocol, or the read-only web dashboard (``--dashboard``).
+#: A token of one kind is refused by the other.
+DEVICE = "device"
+DASHBOARD = "dashboard"
+TOKEN_KINDS = (DEVICE, DASHBOARD)
+
 
 class TokenError(FedCoreMLError):
     """A token operation that cannot be done: unreadable store, unknown device or prefix."""
@@ -73,6 +83,7 @@ class TokenInfo:
     created: str  # ISO 8601, UTC
     revoked: bool = False
     revoked_at: str | None = None
+    kind: str = DEVICE  # one of TOKEN_KINDS; entries written before kinds existed are devices
 
     @property
     def status(self) -> str:
@@ -119,10 +130,15 @@ class TokenStore:
             self._reload_if_changed()
             return list(self._entries)
 
-    def verify(self, secret: str | None) -> str:
-        """The device id ``secret`` was issued for.
+    def has_active(self, kind: str = DEVICE) -> bool:
+        """Whether any token of ``kind`` is active."""
+        return any(info.kind == kind and not info.revoked for info in self.list())
 
-        Raises GatewayError ``UNAUTHENTICATED`` for a missing, unknown or revoked token, and
+    def verify(self, secret: str | None, kind: str = DEVICE) -> str:
+        """The device id (for a dashboard token: the viewer's name) ``secret`` was issued for.
+
+        Raises GatewayError ``UNAUTHENTICATED`` for a missing, unknown or revoked token, or one
+        of another kind, and
         ``UNAVAILABLE`` while ``tokens.json`` cannot be read (the device retries; nobody gets in).
         """
         if not secret:
@@ -135,18 +151,28 @@ class TokenStore:
                 log.error("%s", capped(str(exc)))
                 raise TOKEN_STORE_UNREADABLE.error() from None
             entry = self._by_hash.get(digest)
-        if entry is None or entry.revoked or not hmac.compare_digest(entry.sha256, digest):
+        if (
+            entry is None
+            or entry.revoked
+            or entry.kind != kind
+            or not hmac.compare_digest(entry.sha256, digest)
+        ):
             raise UNKNOWN_TOKEN.error()
         return entry.device_id
 
     # -- changes ------------------------------------------------------------------------------
 
-    def create(self, device_id: str) -> str:
+    def create(self, device_id: str, kind: str = DEVICE) -> str:
         """Issue a new token for ``device_id`` and return its secret (the only time it is seen).
 
         A device may hold several active tokens (to rotate: create, deploy, revoke the old one
-        by its prefix).
+        by its prefix). ``kind`` ``dashboard``: a token for the web dashboard, ``device_id``
+        naming its viewer (the same characters as a device id).
         """
+        if kind not in TOKEN_KINDS:
+            raise TokenError(
+                f"token kind must be one of {', '.join(TOKEN_KINDS)}, got {shown(kind)}"
+            )
         check_device_id(device_id)
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         info = TokenInfo(
@@ -154,6 +180,7 @@ class TokenStore:
             prefix=secret[: len(TOKEN_PREFIX) + _SHOWN_CHARS],
             sha256=hash_token(secret),
             created=_now(),
+            kind=kind,
         )
         with self._mutating() as entries:
             entries.append(info)
