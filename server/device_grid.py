@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flwr.app import (
+    ArrayRecord,
     ConfigRecord,
     Error,
     Message,
@@ -118,6 +119,10 @@ class DeviceGrid(Grid):
         # strategy's server round -> the aggregator its accepted train updates are folded into
         self._aggregators: dict[int, StreamingWeightedMean] = {}
         self.history: list[ExchangeStats] = []
+        # the last model built, with the ArrayRecord it was built from (kept alive, so that an
+        # id() match is that record): a strategy that pushes a few messages at a time (FedBuff)
+        # has each version baked once
+        self._last_built: tuple[ArrayRecord, RoundModel] | None = None
 
     # -- Grid API -----------------------------------------------------------------------------
 
@@ -155,6 +160,8 @@ class DeviceGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         with self._lock:
             wanted = {i: self._pushed[i] for i in message_ids if i in self._pushed}
+        # a vanished device's or an overdue task ends here too, for callers that only pull
+        self.board.expire([task.task_id for _, task in wanted.values()], self.registry.is_live)
         ended = {t.task_id: t for t in self.board.take(task.task_id for _, task in wanted.values())}
         replies = []
         for message_id, (message, task) in wanted.items():
@@ -165,6 +172,17 @@ class DeviceGrid(Grid):
                 del self._pushed[message_id]
             replies.append(self._reply(message, done))
         return replies
+
+    def close_messages(self, message_ids: Iterable[str], reason: str) -> None:
+        """End pushed messages early: their devices' submissions are refused with ``reason``.
+
+        Their replies (errors naming ``reason``, or the result of a device that submitted just
+        before) are still pulled as usual. This makes DeviceGrid a
+        :class:`~fedcoreml.server.fedbuff.ClosableGrid`.
+        """
+        with self._lock:
+            tasks = [self._pushed[i][1].task_id for i in message_ids if i in self._pushed]
+        self.board.close(tasks, reason)
 
     # -- UpdateFeed ---------------------------------------------------------------------------
 
@@ -306,8 +324,12 @@ class DeviceGrid(Grid):
         # Train tasks ship the previous round's aggregate; evaluate tasks this round's.
         version = server_round - 1 if kind == MessageType.TRAIN else server_round
         model = models.get(id(arrays))
+        last = self._last_built
+        if model is None and last is not None and last[0] is arrays and last[1].version == version:
+            model = last[1]
         if model is None:
             model = self.store.build(arrays_to_parameters(arrays), version=max(version, 0))
+            self._last_built = (arrays, model)
             if self.publish is not None:  # durable before any device can be told of it
                 self.publish(model)
             models[id(arrays)] = model

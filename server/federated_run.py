@@ -7,6 +7,11 @@ into the exact .mlmodel that will be shipped next and commits it to the run dire
 then commit record, both durable) before anything can name that version to a device; judging the
 file with the reference interpreter on held-out data follows in the background and appends the
 round's metrics line. No TensorFlow here: the spec, numpy and Flower only.
+
+With ``--strategy fedbuff`` the run is asynchronous (fedbuff.py): its "rounds" are model
+versions, each committed the same way before any task can carry it, with the updates it applied
+(node, base version, staleness, weight, sha256 of what arrived) in its commit record and, for a
+server optimiser with state, that state beside the model, so a resumed run steps on exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
 
 from flwr.app import ArrayRecord, ConfigRecord
 
@@ -40,9 +44,16 @@ from fedcoreml.ios_bridge.update_params import TrainingConfig, parse_update_para
 from fedcoreml.server import crash_points
 from fedcoreml.server.device_grid import DeviceGrid
 from fedcoreml.server.exchanges import ExchangeStats, RecordingGrid
+from fedcoreml.server.fedbuff import FedBuff, VersionRecord
+from fedcoreml.server.fedbuff_math import ServerState
 from fedcoreml.server.gateway.task_board import RoundModel
 from fedcoreml.server.model_store import ModelStore
-from fedcoreml.server.run_config import CoordinatorConfig, RoundRecord, check_config
+from fedcoreml.server.run_config import (
+    COMMITTED_FIELDS,
+    CoordinatorConfig,
+    RoundRecord,
+    check_config,
+)
 from fedcoreml.server.run_dir import RunDirectory, RunDirectoryError
 from fedcoreml.server.strategies import make_strategy
 
@@ -80,6 +91,11 @@ class FederatedRun:
             min_devices=config.min_devices,
             options=config.strategy_args,
             fold_on_arrival=config.mean_on_arrival,
+            asynchronous={
+                "concurrency": config.fedbuff_concurrency,
+                "buffer_size": config.fedbuff_buffer,
+                "max_staleness": config.max_staleness,
+            },
         )
         self.eval_data: Dataset = load_dataset(config.eval_data)
         self.store = ModelStore(self.spec, self.model_name)
@@ -88,12 +104,20 @@ class FederatedRun:
         # model version -> sha256 of every committed round; a version is committed once, for good
         self._commit_lock = threading.Lock()
         self._committed: dict[int, str] = {}
+        self._committed_at: dict[int, float | None] = {}  # version -> elapsed_s at its commit
         self._unjudged: list[dict] = []
         if resume_after is not None:
             commits = self.run_dir.committed()
             self._committed = {int(c["round"]): c["model_sha256"] for c in commits}
             self._unjudged = self.run_dir.unjudged(commits)
         self._history: Callable[[], list[ExchangeStats]] = list
+        # wall time: this process's start, and what the run had used before a restart
+        self._started = time.monotonic()
+        self._elapsed_before = 0.0
+        if resume_after is not None and self._committed:
+            last = self.run_dir.read_commits()[-1] if self.run_dir.commits_file.exists() else {}
+            self._elapsed_before = float(last.get("elapsed_s") or 0.0)
+        self.final_version = config.rounds
 
     def _load_model(self) -> tuple[Model_pb2.Model, str]:
         if self.resume_after is not None:
@@ -162,6 +186,7 @@ class FederatedRun:
             self.training.epochs, self.training.batch_size, self.training.learning_rate,
         )  # fmt: skip
         remaining = config.rounds - self.start_round
+        self._started = time.monotonic()
         self._judge_in_background = judge_in_background
         self._deferred: list[tuple] = []
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
@@ -169,7 +194,9 @@ class FederatedRun:
         arrays = initial  # every round was committed before the crash: just finish
         try:
             self._judge_committed()
-            if remaining > 0:
+            if remaining > 0 and isinstance(self.strategy, FedBuff):
+                arrays = self._run_fedbuff(grid, initial, remaining, train_config)
+            elif remaining > 0:
                 result = self.strategy.start(
                     grid=grid,
                     initial_arrays=initial,
@@ -187,11 +214,77 @@ class FederatedRun:
             judgement.result()  # re-raise a failure of the evaluation thread
         return self._complete(arrays)
 
+    def _run_fedbuff(
+        self,
+        grid: DeviceGrid | RecordingGrid,
+        initial: ArrayRecord,
+        versions: int,
+        train_config: ConfigRecord,
+    ) -> ArrayRecord:
+        """FedBuff until ``versions`` more versions or the target accuracy; the last version."""
+        assert isinstance(self.strategy, FedBuff)
+        self._after_round(0, initial)  # version 0 committed and judged, as a strategy's start does
+        state = ServerState(steps=self.start_round)
+        saved = self.run_dir.read_server_state(self.start_round)
+        if saved is not None:
+            state = ServerState.from_bytes(saved)
+        self.final_version = self.start_round
+        return self.strategy.start(
+            grid,
+            initial,
+            versions,
+            self.config.round_timeout,
+            train_config,
+            on_version=self._after_version,
+            should_stop=self._target_reached,
+            state=state,
+        )
+
+    def _target_reached(self) -> bool:
+        target = self.config.target_accuracy
+        return target is not None and any(r.test_accuracy >= target for r in list(self.records))
+
+    def _after_version(
+        self, record: VersionRecord, arrays: ArrayRecord, state: ServerState
+    ) -> None:
+        """FedBuff's on_version: commit the version (and what it applied), have it judged."""
+        assert isinstance(self.strategy, FedBuff)
+        version = record.version + self.start_round
+        model = self.store.build(arrays_to_parameters(arrays), version=version)
+        names = [_update_name(i, u.node_id) for i, u in enumerate(record.applied)]
+        if self.config.keep_updates:  # durable before the commit that names them
+            kept = [(name, u.trained) for name, u in zip(names, record.applied, strict=True)]
+            self.run_dir.write_updates(version, kept)
+        if self.strategy.optimizer.stateful:
+            self.run_dir.write_server_state(version, state.to_bytes())
+        fields = {
+            "devices_sampled": record.handed_out,
+            "devices_reported": record.accepted,
+            "devices_failed": sum(record.failed.values()),
+            "examples": sum(u.num_examples for u in record.applied),
+            "seconds": round(record.seconds, 3),
+            "evaluated_devices": 0,
+            "device_accuracy": None,
+            "abandoned_attempts": 0,
+            "elapsed_s": self._elapsed(),
+            "fedbuff": record.summary(),
+        }
+        applied = [
+            {**u.to_json(), "file": name if self.config.keep_updates else None}
+            for name, u in zip(names, record.applied, strict=True)
+        ]
+        self._commit(model, {**fields, "applied": applied})
+        self.final_version = version
+        self._schedule_judging(version, model, fields)
+
+    def _elapsed(self) -> float:
+        return round(self._elapsed_before + time.monotonic() - self._started, 3)
+
     def _complete(self, arrays: ArrayRecord) -> RoundModel:
-        final = self.store.build(arrays_to_parameters(arrays), version=self.config.rounds)
+        final = self.store.build(arrays_to_parameters(arrays), version=self.final_version)
         self.publish(final)  # the last round's committed model, never another one
         path = self.run_dir.write_final_model(final.data)
-        crash_points.reached("after-final", self.config.rounds)
+        crash_points.reached("after-final", self.final_version)
         log.info("run finished: %s (sha256 %s)", path, final.sha256[:12])
         return final
 
@@ -207,7 +300,8 @@ class FederatedRun:
         yielded so far, for a round judged only after a restart.
         """
         exchanges = [s for s in self._history() if s.round == model.version]
-        self._commit(model, _round_fields(exchanges, sum(s.seconds for s in exchanges)))
+        fields = _round_fields(exchanges, sum(s.seconds for s in exchanges))
+        self._commit(model, {**fields, "elapsed_s": self._elapsed()})
 
     def _commit(self, model: RoundModel, fields: dict) -> bool:
         """Commit ``model`` as its version (see :meth:`publish`); False if it already was."""
@@ -232,6 +326,7 @@ class FederatedRun:
                 }
             )
             self._committed[model.version] = model.sha256
+            self._committed_at[model.version] = fields.get("elapsed_s")
             crash_points.reached("after-commit", model.version)
             return True
 
@@ -253,8 +348,10 @@ class FederatedRun:
         model = self.store.build(arrays_to_parameters(arrays), version=server_round)
         exchanges = [s for s in self._history() if s.round == server_round]
         seconds = sum(s.seconds for s in exchanges) + time.monotonic() - start
-        fields = _round_fields(exchanges, seconds)
+        fields = {**_round_fields(exchanges, seconds), "elapsed_s": self._elapsed()}
         self._commit(model, fields)
+        # the time the model was committed, which may have been earlier (evaluate tasks)
+        fields["elapsed_s"] = self._committed_at.get(server_round, fields["elapsed_s"])
         self._schedule_judging(server_round, model, fields)
 
     def _schedule_judging(self, server_round: int, model: RoundModel, fields: dict) -> None:
@@ -276,7 +373,8 @@ class FederatedRun:
     def _committed_round(self, commit: dict) -> tuple[int, RoundModel, dict]:
         round_number = int(commit["round"])
         data = self.run_dir.round_model(round_number).read_bytes()  # checked on opening
-        fields = {k: commit.get(k, v) for k, v in _round_fields([], 0.0).items()}
+        blank = {**_round_fields([], 0.0), "elapsed_s": None, "fedbuff": None}
+        fields = {k: commit.get(k, blank[k]) for k in COMMITTED_FIELDS}
         return round_number, RoundModel.from_bytes(round_number, data), fields
 
     def _judge_deferred(self) -> None:
@@ -298,7 +396,7 @@ class FederatedRun:
             **fields,
         )
         crash_points.reached("before-metrics", server_round)
-        self.run_dir.append_metrics(asdict(record))
+        self.run_dir.append_metrics(record.to_json())
         crash_points.reached("after-metrics", server_round)
         self.records.append(record)
         log.info(
@@ -309,6 +407,11 @@ class FederatedRun:
         if self.on_round is not None:
             self.on_round(record)
         return record
+
+
+def _update_name(index: int, node_id: int) -> str:
+    """The file (without .npz) an applied update is kept in: its place in the buffer, its node."""
+    return f"{index:02d}-node-{node_id}"
 
 
 def _round_fields(exchanges: list[ExchangeStats], seconds: float) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedcoreml.ios_bridge.errors import FedCoreMLError
 from fedcoreml.server.gateway.auth import DEFAULT_RATE_PER_S
+from fedcoreml.server.run_dir import ASYNC_STRATEGY
 
 
 class CoordinatorConfigError(FedCoreMLError):
@@ -57,6 +58,26 @@ class CoordinatorConfig:
     require_charging: bool = False
     require_unmetered: bool = False
     min_battery: float | None = None  # in [0, 1]; None: any level, even unknown
+    # Asynchronous runs (strategy "fedbuff"): ``rounds`` counts model versions.
+    concurrency: int | None = None  # devices training at once; None: --min-devices
+    buffer_size: int | None = None  # updates per version; None: min(5, concurrency)
+    max_staleness: int = 10  # an update trained this many versions back is still applied
+    target_accuracy: float | None = None  # end the run once a version is judged this accurate
+    keep_updates: bool = False  # keep every applied update (updates/), so the run can be replayed
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.strategy.lower() == ASYNC_STRATEGY
+
+    @property
+    def fedbuff_concurrency(self) -> int:
+        return self.concurrency if self.concurrency is not None else self.min_devices
+
+    @property
+    def fedbuff_buffer(self) -> int:
+        if self.buffer_size is not None:
+            return self.buffer_size
+        return min(5, self.fedbuff_concurrency)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -87,6 +108,23 @@ class RoundRecord:
     evaluated_devices: int = 0
     device_accuracy: float | None = None
     abandoned_attempts: int = 0  # sent again for too few reports
+    elapsed_s: float | None = None  # wall time from the run's start to this model's commit
+    fedbuff: dict[str, Any] | None = None  # an asynchronous version's buffer (VersionRecord)
+
+    def to_json(self) -> dict[str, Any]:
+        """The metrics.jsonl line (a synchronous round has no ``fedbuff`` object)."""
+        line = asdict(self)
+        if line["fedbuff"] is None:
+            del line["fedbuff"]
+        return line
+
+
+# The RoundRecord fields a commit record also keeps (all but the judging's).
+COMMITTED_FIELDS = tuple(
+    name
+    for name in RoundRecord.__dataclass_fields__
+    if name not in ("round", "test_accuracy", "test_loss", "model_sha256")
+)
 
 
 def check_config(config: CoordinatorConfig) -> None:
@@ -120,4 +158,58 @@ def check_config(config: CoordinatorConfig) -> None:
     if config.round_timeout <= 0:
         raise CoordinatorConfigError(
             f"--round-timeout must be positive, got {config.round_timeout}"
+        )
+    _check_asynchronous(config)
+
+
+def _check_asynchronous(config: CoordinatorConfig) -> None:
+    """fedbuff's options in range, and none of the synchronous-round options given with it."""
+    if not config.asynchronous:
+        given = [
+            option
+            for option, value in (
+                ("--concurrency", config.concurrency),
+                ("--buffer", config.buffer_size),
+                ("--target-accuracy", config.target_accuracy),
+            )
+            if value is not None
+        ]
+        if config.keep_updates:
+            given.append("--keep-updates")
+        if config.max_staleness != 10:
+            given.append("--max-staleness")
+        if given:
+            raise CoordinatorConfigError(
+                f"{', '.join(given)} belong to the asynchronous strategy (--strategy fedbuff), "
+                f"not to {config.strategy}"
+            )
+        return
+    synchronous = [
+        option
+        for option, value, default in (
+            ("--fraction", config.fraction, 1.0),
+            ("--fraction-evaluate", config.fraction_evaluate, 0.0),
+            ("--over-selection", config.over_selection, 1.0),
+            ("--min-reports", config.min_reports, 1),
+        )
+        if value != default
+    ]
+    if synchronous:
+        raise CoordinatorConfigError(
+            f"{', '.join(synchronous)} belong to synchronous rounds; fedbuff keeps --concurrency "
+            "devices training and judges each version on the server"
+        )
+    if config.fedbuff_concurrency < 1:
+        raise CoordinatorConfigError(
+            f"--concurrency must be at least 1, got {config.fedbuff_concurrency}"
+        )
+    if config.fedbuff_buffer < 1:
+        raise CoordinatorConfigError(f"--buffer must be at least 1, got {config.fedbuff_buffer}")
+    if config.max_staleness < 0:
+        raise CoordinatorConfigError(
+            f"--max-staleness must not be negative, got {config.max_staleness}"
+        )
+    if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
+        raise CoordinatorConfigError(
+            f"--target-accuracy must lie in (0, 1], got {config.target_accuracy}"
         )

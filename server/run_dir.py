@@ -1,7 +1,11 @@
 """The coordinator's run directory: config, per-round metrics, and every round's model.
 
     run.json                  the configuration the run was started with
-    models/round-NNNN.mlmodel the global model after round NNNN (round 0: the initial model)
+    models/round-NNNN.mlmodel the global model after round NNNN (round 0: the initial model);
+                              models/version-NNNN.mlmodel in an asynchronous (fedbuff) run,
+                              whose "rounds" below are its model versions
+    models/version-NNNN.state.npz  a fedbuff run's server optimiser state (momentum, adam)
+    updates/version-NNNN/     the updates a fedbuff version applied, as received (--keep-updates)
     commits.jsonl             one JSON line per committed round: its model's sha256 and size,
                               and what its exchanges with the devices yielded
     metrics.jsonl             one JSON line per round, once its model has been judged
@@ -20,10 +24,14 @@ directory that already holds another run; opening one to resume creates nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedcoreml.ios_bridge.atomic_file import write_bytes_atomic, write_text_atomic
 from fedcoreml.ios_bridge.errors import FedCoreMLError
@@ -35,6 +43,7 @@ class RunDirectoryError(FedCoreMLError):
 
 
 RUN_DIR_MODE = 0o755
+ASYNC_STRATEGY = "fedbuff"  # a run of this strategy publishes versions, not rounds
 
 
 class RunDirectory:
@@ -43,6 +52,21 @@ class RunDirectory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.models = self.path / "models"
+        self.updates = self.path / "updates"
+        self._model_stem: str | None = None  # "round" or "version", from run.json
+
+    @property
+    def model_stem(self) -> str:
+        """How model files are named: ``version`` in a fedbuff run, else ``round``."""
+        if self._model_stem is None:
+            strategy = ""
+            if self.config_file.exists():
+                strategy = str(self.read_config().get("strategy", "")).lower()
+            stem = "version" if strategy == ASYNC_STRATEGY else "round"
+            if not self.config_file.exists():
+                return stem  # not cached: the run's config may be written later
+            self._model_stem = stem
+        return self._model_stem
 
     @property
     def config_file(self) -> Path:
@@ -61,7 +85,13 @@ class RunDirectory:
         return self.path / "final.mlmodel"
 
     def round_model(self, round_number: int) -> Path:
-        return self.models / f"round-{round_number:04d}.mlmodel"
+        return self.models / f"{self.model_stem}-{round_number:04d}.mlmodel"
+
+    def server_state(self, version: int) -> Path:
+        return self.models / f"version-{version:04d}.state.npz"
+
+    def version_updates(self, version: int) -> Path:
+        return self.updates / f"version-{version:04d}"
 
     def check_new(self, can_resume: bool = True) -> None:
         """Refuse to start a new run here if the directory already holds one.
@@ -95,10 +125,43 @@ class RunDirectory:
         _make_dir(self.path)
         _make_dir(self.models)
         write_text_atomic(self.config_file, json.dumps(config, indent=2, sort_keys=True))
+        self._model_stem = None  # named after the strategy just recorded
 
     def write_round_model(self, round_number: int, data: bytes) -> Path:
         _make_dir(self.models)
         return write_bytes_atomic(self.round_model(round_number), data)
+
+    def write_server_state(self, version: int, data: bytes) -> Path:
+        _make_dir(self.models)
+        return write_bytes_atomic(self.server_state(version), data)
+
+    def read_server_state(self, version: int) -> bytes | None:
+        path = self.server_state(version)
+        return path.read_bytes() if path.exists() else None
+
+    def write_updates(self, version: int, updates: list[tuple[str, dict[str, np.ndarray]]]) -> None:
+        """Keep what a version applied, as received: ``updates/version-NNNN/NAME.npz`` each.
+
+        The folder is emptied first: a version run again after a crash keeps only its own.
+        """
+        folder = self.version_updates(version)
+        if folder.exists():
+            shutil.rmtree(folder)
+        _make_dir(self.updates)
+        _make_dir(folder)
+        for name, arrays in updates:
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            write_bytes_atomic(folder / f"{name}.npz", buffer.getvalue())
+
+    def read_update(self, version: int, name: str) -> dict[str, np.ndarray]:
+        path = self.version_updates(version) / f"{name}.npz"
+        if not path.exists():
+            raise RunDirectoryError(
+                f"{path}: missing; a run replays only with the updates it kept (--keep-updates)"
+            )
+        with np.load(path) as stored:
+            return {key: stored[key] for key in stored.files}
 
     def write_final_model(self, data: bytes) -> Path:
         return write_bytes_atomic(self.final_model, data)

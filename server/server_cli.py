@@ -17,13 +17,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=5 if demo else None,
         help="federated rounds to run" + (" (default 5)" if demo else " (required)"),
     )
     parser.add_argument(
         "--strategy",
         default="fedavg",
-        help=f"a Flower strategy: {', '.join(STRATEGY_NAMES)} (default fedavg)",
+        help=f"a Flower strategy: {', '.join(STRATEGY_NAMES)} (default fedavg); fedbuff is "
+        "asynchronous: see --versions, --concurrency, --buffer",
     )
     parser.add_argument(
         "--strategy-arg",
@@ -73,6 +73,48 @@ def _add_run_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
         type=int,
         default=1,
         help="a round with fewer reports is abandoned and sent again (up to 3 attempts)",
+    )
+    group = parser.add_argument_group("asynchronous runs (--strategy fedbuff)")
+    _add_fedbuff_options(group, demo=demo)
+
+
+def _add_fedbuff_options(group: argparse._ArgumentGroup, *, demo: bool) -> None:
+    group.add_argument(
+        "--versions",
+        type=int,
+        help="model versions to publish, instead of --rounds" + (" (default 5)" if demo else ""),
+    )
+    group.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="C",
+        help="devices training at once, each on the newest version (default --min-devices)",
+    )
+    group.add_argument(
+        "--buffer",
+        type=int,
+        metavar="K",
+        help="accepted updates per version: their staleness-discounted mean is one server step "
+        "(default min(5, C))",
+    )
+    group.add_argument(
+        "--max-staleness",
+        type=int,
+        default=10,
+        help="refuse an update trained on a version this many versions behind the newest or "
+        "more (default 10); discount: --strategy-arg staleness_exponent=0.5, i.e. 1/sqrt(1+s)",
+    )
+    group.add_argument(
+        "--target-accuracy",
+        type=float,
+        metavar="ACC",
+        help="end the run once a version is judged at least this accurate on the held-out set",
+    )
+    group.add_argument(
+        "--keep-updates",
+        action="store_true",
+        help="keep every applied update under RUN_DIR/updates, so `fedcoreml replay` can "
+        "rebuild each version bit for bit",
     )
 
 
@@ -177,6 +219,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_logging_options(server, default="info")
     server.set_defaults(handler=_server)
 
+    replay = subparsers.add_parser(
+        "replay",
+        help="rebuild every version of a fedbuff run from the updates it applied, bit for bit",
+        description="Start from the run's committed version 0, apply each version's recorded "
+        "updates (kept with --keep-updates) with the run's server step, and check every rebuilt "
+        ".mlmodel against the sha256 the run committed. Exit status 1 at the first difference.",
+    )
+    replay.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a fedbuff run directory")
+    replay.set_defaults(handler=_replay)
+
     demo = subparsers.add_parser(
         "demo",
         help="federate on this machine: coordinator + simulated iPhones over real gRPC",
@@ -206,12 +258,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(handler=_demo)
 
 
+def _run_length(args: argparse.Namespace, default: int | None) -> int | None:
+    """--rounds (synchronous strategies) or --versions (fedbuff), checked against the strategy."""
+    from fedcoreml.server.coordinator import CoordinatorConfigError
+
+    if args.strategy.lower() == "fedbuff":
+        if args.rounds is not None:
+            raise CoordinatorConfigError(
+                "fedbuff publishes versions: give --versions, not --rounds"
+            )
+        return args.versions if args.versions is not None else default
+    if args.versions is not None:
+        raise CoordinatorConfigError(
+            f"--versions belongs to --strategy fedbuff; {args.strategy} runs --rounds"
+        )
+    return args.rounds if args.rounds is not None else default
+
+
 def _coordinator_config(args: argparse.Namespace, **extra):
     from fedcoreml.server.coordinator import CoordinatorConfig
     from fedcoreml.server.strategies import parse_strategy_args
 
     return CoordinatorConfig(
-        rounds=args.rounds,
+        rounds=_run_length(args, 5 if args.command == "demo" else None),
         strategy=args.strategy,
         strategy_args=parse_strategy_args(args.strategy_arg, args.strategy),
         fraction=args.fraction,
@@ -223,6 +292,11 @@ def _coordinator_config(args: argparse.Namespace, **extra):
         round_timeout=args.round_timeout,
         over_selection=args.over_selection,
         min_reports=args.min_reports,
+        concurrency=args.concurrency,
+        buffer_size=args.buffer,
+        max_staleness=args.max_staleness,
+        target_accuracy=args.target_accuracy,
+        keep_updates=args.keep_updates,
         **extra,
     )
 
@@ -241,8 +315,10 @@ def _server(args: argparse.Namespace) -> int:
     if args.listen is not None:
         _check_listen(args.listen)
     if args.resume is None:
-        missing = [f"--{name.replace('_', '-')}" for name in ("run_dir", "rounds", "min_devices")
+        missing = [f"--{name.replace('_', '-')}" for name in ("run_dir", "min_devices")
                    if getattr(args, name) is None]  # fmt: skip
+        if _run_length(args, None) is None:
+            missing.insert(1, "--versions" if args.strategy.lower() == "fedbuff" else "--rounds")
         if missing:
             raise CoordinatorConfigError(f"missing {', '.join(missing)} (or use --resume)")
         RunDirectory(args.run_dir).check_new()
@@ -322,7 +398,8 @@ def _stopped(args: argparse.Namespace, coordinator, stop: StopRequested) -> str:
     if args.linger:
         command.append("--linger")
     rounds = coordinator.config.rounds
-    where = f"after round {last} of {rounds}" if last else f"before round 1 of {rounds} completed"
+    unit = "version" if coordinator.config.asynchronous else "round"
+    where = f"after {unit} {last} of {rounds}" if last else f"before {unit} 1 of {rounds} completed"
     return f"stopped by {stop.name} {where}; continue with: {shlex.join(command)}"
 
 
@@ -342,6 +419,18 @@ def _linger() -> None:
             pass
     except KeyboardInterrupt:
         pass
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from fedcoreml.server.fedbuff_replay import replay
+
+    def show(version) -> None:
+        print(f"version {version.version}: {version.updates} update(s), sha256 "
+              f"{version.sha256[:16]}... matches the commit", flush=True)  # fmt: skip
+
+    replayed = replay(args.run_dir, on_version=show)
+    print(f"{len(replayed)} version(s) replayed bit for bit")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedcoreml.server.fedbuff import FedBuff
 from fedcoreml.server.mean_on_arrival import ON_ARRIVAL
 from fedcoreml.server.strategy_options import (
     ConstructorOptions,
@@ -49,7 +50,7 @@ DP_WRAPPERS = {
     "dp-fixed": DifferentialPrivacyServerSideFixedClipping,
     "dp-adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
 }
-STRATEGY_NAMES = (*STRATEGIES, *DP_WRAPPERS)
+STRATEGY_NAMES = (*STRATEGIES, *DP_WRAPPERS, "fedbuff")
 
 FEDPROX_REFUSAL = (
     "FedProx is not offered: its proximal term is added to each client's training loss, and "
@@ -79,11 +80,21 @@ SET_BY_FEDCOREML = (
     "configrecord_key",
 )
 SET_BY_FEDCOREML_DP = ("strategy", "num_sampled_clients")
+# fedbuff's options that have command-line flags of their own (--concurrency, --buffer ...).
+SET_BY_FEDCOREML_FEDBUFF = (
+    "concurrency",
+    "buffer_size",
+    "max_staleness",
+    "min_available_nodes",
+    "poll_interval_s",
+)
 
 
 def _resolve(name: str) -> tuple[str, type[Strategy], type[Strategy] | None]:
     """(lower-case name, Flower strategy class, DP wrapper class or None) for a strategy name."""
     key = name.lower()
+    if key == "fedbuff":
+        return key, FedBuff, None
     if key == "fedprox":
         raise StrategyError(FEDPROX_REFUSAL)
     if key in DP_WRAPPERS:
@@ -96,7 +107,8 @@ def _resolve(name: str) -> tuple[str, type[Strategy], type[Strategy] | None]:
 def check_strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options typed for the named strategy's constructor (and its DP wrapper's)."""
     key, base, wrapper = _resolve(name)
-    base_parameters = ConstructorOptions(base, SET_BY_FEDCOREML)
+    fixed = SET_BY_FEDCOREML_FEDBUFF if base is FedBuff else SET_BY_FEDCOREML
+    base_parameters = ConstructorOptions(base, fixed)
     if wrapper is None:
         return typed_options(key, options, base_parameters)
     wrapper_parameters = ConstructorOptions(wrapper, SET_BY_FEDCOREML_DP)
@@ -121,15 +133,23 @@ def make_strategy(
     min_devices: int,
     options: dict[str, Any] | None = None,
     fold_on_arrival: bool = False,
-) -> Strategy:
+    asynchronous: dict[str, int] | None = None,
+) -> Strategy | FedBuff:
     """A Flower strategy that samples ``fraction_train`` of at least ``min_devices`` devices.
 
     With ``fold_on_arrival``, FedAvg and the optimisers built on its mean fold each update into
     the round's mean as it arrives (on a grid that feeds them, see mean_on_arrival.py); the other
-    strategies need every update and are Flower's own whatever it says.
+    strategies need every update and are Flower's own whatever it says. ``fedbuff`` is
+    asynchronous (fedbuff.py): ``asynchronous`` gives its ``concurrency``, ``buffer_size`` and
+    ``max_staleness``.
     """
     key, base, wrapper = _resolve(name)
     options = check_strategy_options(key, options or {})
+    if base is FedBuff:
+        try:
+            return FedBuff(**(asynchronous or {}), min_available_nodes=min_devices, **options)
+        except ValueError as exc:
+            raise StrategyError(f"strategy fedbuff: {exc}") from None
     dp_options = {}
     if wrapper is not None:
         dp_parameters = ConstructorOptions(wrapper, SET_BY_FEDCOREML_DP)

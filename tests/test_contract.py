@@ -22,6 +22,7 @@ from fedcoreml.ios_bridge.mlmodel_io import spec_to_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters, parameter_infos
 from fedcoreml.ios_bridge.tensor_codec import UPDATE_REFUSALS, UpdateHeader, encode_update
 from fedcoreml.ios_bridge.wire import device_pb2
+from fedcoreml.server.fedbuff import VersionRecord
 from fedcoreml.server.gateway import refusals
 from fedcoreml.server.gateway.auth import DeviceAuthInterceptor, _bearer_token
 from fedcoreml.server.gateway.errors import GatewayError
@@ -36,6 +37,7 @@ README = (ROOT / "protos" / "README.md").read_text(encoding="utf-8")
 STATUS_HEADER = "| key | status | RPCs | message | when, and what to do |"
 RPC_HEADER = "| RPC | request | answer | statuses |"
 METRICS_HEADER = "| field | type | meaning |"
+FEDBUFF_HEADER = "| `fedbuff` field | type | meaning |"
 
 SPEC = build_default_model(seed=0)
 SHIPPED = get_parameters(SPEC)
@@ -105,12 +107,25 @@ def test_each_rpc_lists_exactly_the_statuses_it_can_return():
 
 
 def test_the_metrics_schema_matches_the_round_record():
-    types = {"int": "integer", "float": "number", "str": "string", "float | None": "number or null"}
+    types = {
+        "int": "integer",
+        "float": "number",
+        "str": "string",
+        "float | None": "number or null",
+        "dict[str, Any] | None": "object or absent",
+    }
     documented = {_code(field): kind for field, kind, _meaning in _table(METRICS_HEADER)}
     hints = {f.name: str(f.type) for f in dataclasses.fields(RoundRecord)}
     assert list(documented) == list(hints)
     for name, hint in hints.items():
         assert documented[name] == types[hint], name
+
+
+def test_the_fedbuff_object_is_documented_field_for_field():
+    """Every key of an asynchronous version's ``fedbuff`` object, in order, with its type."""
+    record = VersionRecord(3, [], accepted=1, handed_out=2)
+    documented = [_code(field) for field, _kind, _meaning in _table(FEDBUFF_HEADER)]
+    assert documented == list(record.summary())
 
 
 # -- the table is the only source of refusals ----------------------------------------------------

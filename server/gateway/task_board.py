@@ -164,13 +164,7 @@ class TaskBoard:
                 now = self._clock()
                 if now >= next_check:  # liveness and deadlines: every poll_s, not every wake-up
                     next_check = now + poll_s
-                    for task in tasks:
-                        if task.status != "pending":
-                            continue
-                        if not is_live(task.node_id):
-                            self._fail(task, "device disconnected")
-                        elif now > task.deadline:
-                            self._fail(task, "deadline passed")
+                    self._expire(tasks, is_live, now)
                 pending = submitted = 0
                 for task in tasks:
                     pending += task.status == "pending"
@@ -182,6 +176,21 @@ class TaskBoard:
                     return
                 wake = max(next_check - now, 0.001)
                 self._cond.wait(wake if remaining is None else min(wake, remaining))
+
+    def expire(self, task_ids: Iterable[str], is_live: Callable[[int], bool]) -> None:
+        """Fail the pending tasks among ``task_ids`` whose device is gone or deadline passed."""
+        with self._cond:
+            tasks = [self._tasks[i] for i in task_ids if i in self._tasks]
+            self._expire(tasks, is_live, self._clock())
+
+    def _expire(self, tasks: Iterable[Task], is_live: Callable[[int], bool], now: float) -> None:
+        for task in tasks:
+            if task.status != "pending":
+                continue
+            if not is_live(task.node_id):
+                self._fail(task, "device disconnected")
+            elif now > task.deadline:
+                self._fail(task, "deadline passed")
 
     def fail_node_tasks(self, node_id: int, reason: str) -> None:
         """End every pending task of a node as failed (its app restarted and lost them)."""
