@@ -9,6 +9,7 @@ window.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,8 @@ def _draw(name: str, title: str, unit: str, body: Callable[[Any], None]) -> Plot
     import matplotlib
     import matplotlib.pyplot as plt
 
-    # SVG ids derive from this salt: fixed, the same run draws the same SVG; per plot, the ids
-    # of several plots in one HTML page never collide.
-    matplotlib.rcParams["svg.hashsalt"] = f"fedcoreml-{name}"
+    # Clip-path ids derive from this salt: fixed, the same run draws the same SVG.
+    matplotlib.rcParams["svg.hashsalt"] = "fedcoreml"
     fig, ax = plt.subplots(figsize=(_WIDTH_IN, _HEIGHT_IN), dpi=_DPI)
     try:
         body(ax)
@@ -84,12 +84,21 @@ def _draw(name: str, title: str, unit: str, body: Callable[[Any], None]) -> Plot
         fig.savefig(png, format="png", metadata={"Software": None})
     finally:
         plt.close(fig)
-    return Plot(name=name, title=title, svg=_svg_element(svg.getvalue()), png=png.getvalue())
+    svg_element = _prefix_ids(_svg_element(svg.getvalue()), f"{name}-")
+    return Plot(name=name, title=title, svg=svg_element, png=png.getvalue())
 
 
 def _svg_element(document: str) -> str:
     """The ``<svg>`` element alone, to embed in HTML (no XML declaration or DOCTYPE)."""
     return document[document.index("<svg") :]
+
+
+def _prefix_ids(svg: str, prefix: str) -> str:
+    """Every id, and every reference to one, prefixed: ids stay unique with several plots on one
+    page (each SVG names its figure, axes and glyphs alike)."""
+    svg = re.sub(r'\bid="([^"]+)"', rf'id="{prefix}\1"', svg)
+    svg = re.sub(r'href="#([^"]+)"', rf'href="#{prefix}\1"', svg)
+    return re.sub(r"url\(#([^)]+)\)", rf"url(#{prefix}\1)", svg)
 
 
 def _series(lines: Sequence[MetricsLine], key: str) -> tuple[list[int], list[float]]:
