@@ -161,7 +161,8 @@ def load_image(image: ImageSource) -> np.ndarray:
     """``image`` as the model sees it: float32 [28, 28] in 0..1, white on black.
 
     ``image``: a ``.png`` or ``.npy`` file, PNG bytes, or an array ([H, W], [1, H, W],
-    [H, W, 3|4] colour, or a flat [784]).
+    [H, W, 3|4] colour, or a flat [784]). Transparent pixels (RGBA: a PNG's, or a web canvas's
+    ``getImageData``) count as white paper.
     """
     if isinstance(image, np.ndarray):
         return prepare_image(image)
@@ -223,8 +224,10 @@ def _grey(array: np.ndarray, where: str) -> np.ndarray:
         array = array[0]
     elif array.ndim == 4 and array.shape[:2] == (1, 1):
         array = array[0, 0]
-    if array.ndim == 3 and array.shape[2] in (3, 4):
-        array = _luminance(array[..., :3])
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = _over_white_page(array)
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = _luminance(array)
     if array.ndim != 2 or min(array.shape) < 1:
         raise ImageInputError(
             f"{where}: an array of shape {list(array.shape)}; expected a grey image [H, W] "
@@ -246,10 +249,22 @@ def _grey(array: np.ndarray, where: str) -> np.ndarray:
     )
 
 
+def _over_white_page(rgba: np.ndarray) -> np.ndarray:
+    """RGBA to RGB over white, as a PNG's transparency is read (a canvas's clear pixels too)."""
+    if rgba.dtype == np.uint8:
+        alpha = rgba[..., 3:].astype(np.float64) / 255.0
+        rgb = rgba[..., :3].astype(np.float64) * alpha + 255.0 * (1.0 - alpha)
+        return np.round(rgb).astype(np.uint8)
+    if np.issubdtype(rgba.dtype, np.floating):
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1.0 - alpha)
+    return rgba[..., :3]  # its dtype is refused below, with the reason
+
+
 def _luminance(rgb: np.ndarray) -> np.ndarray:
     weights = np.array([0.299, 0.587, 0.114])
     grey = rgb.astype(np.float64) @ weights
-    return grey.astype(rgb.dtype) if rgb.dtype.kind == "u" else grey
+    return np.round(grey).astype(rgb.dtype) if rgb.dtype.kind == "u" else grey
 
 
 def _border(grey: np.ndarray) -> np.ndarray:

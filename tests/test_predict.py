@@ -93,9 +93,11 @@ def test_png_and_npy_inputs_agree(tmp_path, default_model):
 def test_a_large_drawing_on_paper_becomes_an_mnist_style_digit(tmp_path):
     drawing = paper(digit(0), 280)
     rgba = np.dstack([np.zeros_like(drawing)] * 3 + [255 - drawing])  # black ink, clear page
-    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "drawn.png")
-    for source in (drawing, tmp_path / "drawn.png"):
-        seen = load_image(source)
+    Image.fromarray(rgba).save(tmp_path / "drawn.png")
+    images = [load_image(s) for s in (drawing, rgba, tmp_path / "drawn.png")]  # grey, canvas, PNG
+    np.testing.assert_array_equal(images[0], images[1])
+    np.testing.assert_array_equal(images[0], images[2])
+    for seen in images:
         assert seen.shape == (28, 28) and seen.dtype == np.float32
         assert seen.min() >= 0.0 and seen.max() <= 1.0
         assert seen[0].max() == seen[-1].max() == 0.0  # white on black, border empty
