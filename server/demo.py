@@ -68,6 +68,18 @@ def _check(args: argparse.Namespace) -> None:
         raise DemoError(f"--limit must be at least 1, got {args.limit}")
 
 
+# -- the web dashboard (server/dashboard/): on unless --no-dashboard --------------------------
+def _start_dashboard(args: argparse.Namespace, coordinator: Coordinator, console: Console):
+    """The demo's dashboard, started before the run and its URL printed; None if turned off."""
+    if args.dashboard is None:
+        return None
+    from fedcoreml.server.dashboard import start_dashboard
+
+    dashboard = start_dashboard(coordinator, args.dashboard)
+    console.print(f"dashboard: {dashboard.url} (live while the demo runs)")
+    return dashboard
+
+
 def _fleet_command(args: argparse.Namespace, port: int) -> list[str]:
     command = [
         sys.executable, "-m", "fedcoreml.server.cli", "devices",
@@ -123,6 +135,7 @@ def run_demo(
             )
 
     coordinator = Coordinator(config, on_round=on_round)  # checks the model, strategy, data
+    dashboard = _start_dashboard(args, coordinator, console)
     port = coordinator.start()
     created = not Path(run_dir).exists()
     fleet_log_path = Path(run_dir) / "devices.log"
@@ -141,6 +154,8 @@ def run_demo(
         raise DemoError(reason) from None
     finally:
         coordinator.stop()
+        if dashboard is not None:
+            dashboard.stop()
     console.print(_round_table(coordinator.records))
     if fleet_status != 0:
         console.print(f"the device fleet exited with {fleet_status}; see {fleet_log_path}")

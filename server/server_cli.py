@@ -216,6 +216,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sample and hand tasks only to devices reporting at least this battery level, "
         "0..1 (a device whose level is unknown is not eligible)",
     )
+    # -- the web dashboard (server/dashboard/) --
+    server.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve the read-only web dashboard (run, fleet, models, try a digit) here, e.g. "
+        "127.0.0.1:8080 (port 0: any free port; the URL is printed); beyond loopback it needs a "
+        "dashboard token: fedcoreml tokens create --run-dir RUN_DIR --dashboard",
+    )
     add_logging_options(server, default="info")
     server.set_defaults(handler=_server)
 
@@ -254,6 +262,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="seed for the devices' data and behaviour (default 0)"
     )
     _add_run_options(demo, demo=True)
+    # -- the web dashboard (server/dashboard/): on by default in the demo --
+    demo.add_argument(
+        "--dashboard",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where the live web dashboard listens (default 127.0.0.1 on any free port; the "
+        "URL is printed)",
+    )
+    demo.add_argument(
+        "--no-dashboard",
+        dest="dashboard",
+        action="store_const",
+        const=None,
+        help="run without the web dashboard",
+    )
     add_logging_options(demo, default="warning")
     demo.set_defaults(handler=_demo)
 
@@ -322,6 +345,10 @@ def _server(args: argparse.Namespace) -> int:
         if missing:
             raise CoordinatorConfigError(f"missing {', '.join(missing)} (or use --resume)")
         RunDirectory(args.run_dir).check_new()
+    if args.dashboard is not None:  # a bad address or a missing token: refused before anything
+        from fedcoreml.server.dashboard import check_dashboard
+
+        check_dashboard(args.dashboard, args.resume or args.run_dir)
     configure_logging(args.log_level, flower=True)
     if args.resume is not None:
         coordinator = Coordinator.resume(args.resume, listen=args.listen)
@@ -352,6 +379,7 @@ def _server(args: argparse.Namespace) -> int:
             "INSECURE: devices connect over PLAINTEXT gRPC; anyone on the network can read and "
             "alter models and updates. Use --tls-cert/--tls-key outside a trusted network."
         )
+    dashboard = _start_dashboard(args.dashboard, coordinator)
     try:
         with stop_signals():
             try:
@@ -366,7 +394,21 @@ def _server(args: argparse.Namespace) -> int:
             _linger()
     finally:
         coordinator.stop()
+        if dashboard is not None:
+            dashboard.stop()
     return 0
+
+
+def _start_dashboard(listen: str | None, coordinator):
+    """The web dashboard ``--dashboard`` asks for, started, its URL printed; or None."""
+    if listen is None:
+        return None
+    from fedcoreml.server.dashboard import start_dashboard
+
+    dashboard = start_dashboard(coordinator, listen)
+    token = "" if dashboard.address.loopback else " (open it with ?token=YOUR_DASHBOARD_TOKEN)"
+    print(f"dashboard: {dashboard.url}{token}", flush=True)
+    return dashboard
 
 
 def _check_listen(listen: str) -> None:
