@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -372,3 +373,78 @@ def test_stopping_ends_open_event_streams_at_once(tmp_path):
     assert time.monotonic() - start < 3
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "api/run")
+
+
+def test_the_demo_serves_a_dashboard_by_default_and_prints_its_url(tmp_path):
+    from rich.console import Console
+
+    from fedcoreml.server.cli import build_parser
+    from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
+    from fedcoreml.server.demo import _start_dashboard
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).dashboard == "127.0.0.1:0"
+    assert parser.parse_args(["demo", "--no-dashboard"]).dashboard is None
+    config = CoordinatorConfig(run_dir=tmp_path / "run", rounds=1, min_devices=1)
+    coordinator = Coordinator(config)
+    console = Console(file=io.StringIO(), soft_wrap=True)
+    args = parser.parse_args(["demo"])
+    dashboard = _start_dashboard(args, coordinator, console)
+    try:
+        printed = console.file.getvalue()
+        assert printed == f"dashboard: {dashboard.url} (live while the demo runs)\n"
+        assert dashboard.url.startswith("http://127.0.0.1:")
+        assert httpx.get(dashboard.url + "api/fleet").json()["min_devices"] == 1
+    finally:
+        dashboard.stop()
+    off = parser.parse_args(["demo", "--no-dashboard"])
+    assert _start_dashboard(off, coordinator, console) is None
+
+
+def test_fedcoreml_server_serves_the_dashboard_until_it_stops(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fedcoreml.server.cli", "server", "--run-dir", str(tmp_path / "run"),
+         "--rounds", "1", "--min-devices", "1", "--insecure", "--listen", "127.0.0.1:0",
+         "--dashboard", "127.0.0.1:0", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("dashboard: http://127.0.0.1:"), line
+        url = line.split()[1]
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "api/run").json()["run"]["phase"] != "running":
+            assert time.monotonic() < deadline, "the run never showed as running"
+            time.sleep(0.1)
+        assert httpx.get(url + "api/fleet").json()["connected"] == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        server.kill()
+        server.wait()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "api/run")
+
+
+def test_with_the_coordinators_tls_certificate_the_dashboard_speaks_https(tmp_path):
+    from fedcoreml.server.coordinator import Coordinator, CoordinatorConfig
+    from fedcoreml.server.dashboard import start_dashboard
+    from fedcoreml.server.gateway.tls import generate_test_ca
+
+    certs = generate_test_ca(tmp_path / "tls")
+    config = CoordinatorConfig(run_dir=tmp_path / "run", rounds=1, min_devices=1,
+                               tls_cert=certs.server_cert, tls_key=certs.server_key)  # fmt: skip
+    dashboard = start_dashboard(Coordinator(config), "127.0.0.1:0")
+    try:
+        assert dashboard.url.startswith("https://127.0.0.1:")
+        ca = ssl.create_default_context(cafile=str(certs.ca_cert))
+        trusted = httpx.get(dashboard.url + "api/run", verify=ca)
+        assert trusted.status_code == 200
+        with pytest.raises(httpx.ConnectError):  # a certificate nobody vouched for
+            httpx.get(dashboard.url + "api/run")
+    finally:
+        dashboard.stop()

@@ -48,10 +48,10 @@ function renderRun() {
 
   linePlot(document.getElementById("plot-accuracy"),
     rounds.map((r) => ({ x: r.round, y: r.test_accuracy })),
-    { yMin: 0, yMax: 1, unit, name: "test accuracy", format: (v) => v.toFixed(2) });
+    { yMin: 0, yMax: 1, unit, name: "test accuracy", format: (v) => v.toFixed(4) });
   linePlot(document.getElementById("plot-loss"),
     rounds.map((r) => ({ x: r.round, y: r.test_loss })),
-    { unit, name: "test loss", color: "#e8772e", format: (v) => v.toFixed(2) });
+    { unit, name: "test loss", color: "#e8772e", format: (v) => v.toFixed(4) });
   const trained = rounds.filter((r) => r.round > 0);
   barPlot(document.getElementById("plot-devices"),
     trained.map((r) => ({ x: r.round, values: [r.devices_sampled, r.devices_reported, r.devices_failed] })),

@@ -19,18 +19,19 @@ function niceStep(span, ticks) {
 }
 
 // pad: room on either side of the first and last x, in x units (bars need half a slot).
-function frame(svg, xs, yMin, yMax, format, unit, pad = 0) {
+function frame(svg, xs, yMin, yMax, unit, pad = 0) {
   svg.replaceChildren();
   const xMin = Math.min(...xs) - pad, xMax = Math.max(...xs) + pad;
   const sx = (x) => LEFT + (xMax === xMin ? 0.5 : (x - xMin) / (xMax - xMin)) * (W - LEFT - RIGHT);
   const sy = (y) => TOP + (1 - (y - yMin) / (yMax - yMin || 1)) * (H - TOP - BOTTOM);
   const yStep = niceStep(yMax - yMin || 1, 5);
+  const digits = Math.max(0, -Math.floor(Math.log10(yStep) + 1e-9));  // as many as the step needs
   for (let y = Math.ceil(yMin / yStep) * yStep; y <= yMax + 1e-9; y += yStep) {
     svg.append(node("line", { class: "grid", x1: LEFT, x2: W - RIGHT, y1: sy(y), y2: sy(y) }));
-    svg.append(node("text", { x: LEFT - 6, y: sy(y) + 4, "text-anchor": "end" }, format(y)));
+    svg.append(node("text", { x: LEFT - 6, y: sy(y) + 4, "text-anchor": "end" }, y.toFixed(digits)));
   }
   const xStep = Math.max(1, Math.round(niceStep(xMax - xMin || 1, 8)));
-  for (let x = Math.ceil((xMin + pad) / xStep) * xStep; x <= xMax - pad; x += xStep) {
+  for (let x = Math.ceil((xMin + pad) / xStep - 1e-9) * xStep; x <= xMax - pad + 1e-9; x += xStep) {
     svg.append(node("text", { x: sx(x), y: H - BOTTOM + 16, "text-anchor": "middle" }, String(x)));
   }
   svg.append(node("line", { class: "axis", x1: LEFT, x2: W - RIGHT, y1: H - BOTTOM, y2: H - BOTTOM }));
@@ -54,13 +55,13 @@ export function linePlot(svg, points, options = {}) {
   if (options.yMin === undefined) yMin = Math.max(0, yMin - (yMax - yMin) * 0.1 - 1e-6);
   if (options.yMax === undefined) yMax = yMax + (yMax - yMin) * 0.1 + 1e-6;
   const format = options.format ?? ((v) => v.toFixed(2));
-  const { sx, sy } = frame(svg, shown.map((p) => p.x), yMin, yMax, format, options.unit ?? "round");
+  const { sx, sy } = frame(svg, shown.map((p) => p.x), yMin, yMax, options.unit ?? "round");
   const color = options.color ?? "#2f6fed";
   svg.append(node("polyline", {
     class: "line", stroke: color, points: shown.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" "),
   }));
   for (const p of shown) {
-    const dot = node("circle", { class: "point", cx: sx(p.x), cy: sy(p.y), r: 3.5, fill: color });
+    const dot = node("circle", { class: "point", cx: sx(p.x), cy: sy(p.y), r: 3.5, fill: color, "data-x": p.x, "data-y": p.y });
     dot.append(node("title", {}, `${options.unit ?? "round"} ${p.x}: ${options.name ?? ""} ${format(p.y)}`));
     svg.append(dot);
   }
@@ -74,7 +75,7 @@ export function barPlot(svg, groups, series, options = {}) {
   const yMax = Math.max(1, ...all) * 1.1;
   const format = options.format ?? ((v) => (Number.isInteger(v) ? String(v) : v.toFixed(1)));
   const xs = groups.map((g) => g.x);
-  const { sx, sy } = frame(svg, xs, 0, yMax, format, options.unit ?? "round", 0.6);
+  const { sx, sy } = frame(svg, xs, 0, yMax, options.unit ?? "round", 0.6);
   const slot = sx(xs[0] + 1) - sx(xs[0]);
   const width = Math.min(40, slot * 0.8) / series.length;
   for (const g of groups) {
