@@ -70,10 +70,11 @@ class AppliedUpdate:
     sha256: str  # of the trained arrays as received (see update_digest)
     trained: Arrays = field(repr=False, compare=False)
 
-    def to_json(self) -> dict:
+    def to_json(self, first_version: int = 0) -> dict:
+        """The record; ``first_version``: the run's number of the loop's version 0."""
         return {
             "node_id": self.node_id,
-            "base_version": self.base_version,
+            "base_version": self.base_version + first_version,
             "staleness": self.staleness,
             "num_examples": self.num_examples,
             "weight": self.weight,

@@ -270,7 +270,7 @@ class FederatedRun:
             "fedbuff": record.summary(),
         }
         applied = [
-            {**u.to_json(), "file": name if self.config.keep_updates else None}
+            {**u.to_json(self.start_round), "file": name if self.config.keep_updates else None}
             for name, u in zip(names, record.applied, strict=True)
         ]
         self._commit(model, {**fields, "applied": applied})
