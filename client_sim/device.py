@@ -288,7 +288,9 @@ class FaultyTrainer:
 
     ``drop_probability`` is the chance per task of vanishing; ``drops_in_round(round)`` says
     whether the device vanishes in a given round's train task; ``slowdown_seconds`` is slept
-    (waking when ``sleep`` is interrupted) before each result is handed back.
+    (waking when ``sleep`` is interrupted) before each result is handed back, and a
+    ``slowdown_factor`` F > 1 makes training take F times as long (it sleeps F - 1 times the
+    training's own wall time after it), as an older phone would.
     """
 
     def __init__(
@@ -299,6 +301,7 @@ class FaultyTrainer:
         drop_probability: float = 0.0,
         drops_in_round: Callable[[int], bool] | None = None,
         slowdown_seconds: float = 0.0,
+        slowdown_factor: float = 1.0,
         poison: Poison | None = None,
         sleep: Callable[[float], None],
     ) -> None:
@@ -306,6 +309,9 @@ class FaultyTrainer:
             raise ValueError(f"drop_probability must lie in [0, 1], got {drop_probability}")
         if slowdown_seconds < 0:
             raise ValueError(f"slowdown_seconds must be >= 0, got {slowdown_seconds}")
+        if not slowdown_factor >= 1:
+            raise ValueError(f"slowdown_factor must be >= 1, got {slowdown_factor}")
+        self._slowdown_factor = slowdown_factor
         self.inner = inner
         self._drop_rng = random.Random(f"{seed}:drop")
         self._drop_probability = drop_probability
@@ -318,6 +324,8 @@ class FaultyTrainer:
         scheduled = self._drops_in_round is not None and self._drops_in_round(task.round)
         self._maybe_vanish(task.task_id, scheduled)
         result = self.inner.train(model, task)
+        if self._slowdown_factor > 1:
+            self._sleep((self._slowdown_factor - 1) * result.seconds)
         if self._poison is not None:
             received = get_parameters(spec_from_bytes(model))
             poisoned = self._poison.apply(received, result.parameters)
@@ -367,6 +375,7 @@ class SimulatedDevice:
         retry: RetryPolicy | None = None,
         drop_probability: float = 0.0,
         slowdown_seconds: float = 0.0,
+        slowdown_factor: float = 1.0,
         drops_in_round: Callable[[int], bool] | None = None,
         rejoin_after_seconds: float | None = None,
         poison: Poison | None = None,
@@ -402,6 +411,7 @@ class SimulatedDevice:
             drop_probability=drop_probability,
             drops_in_round=drops_in_round,
             slowdown_seconds=slowdown_seconds,
+            slowdown_factor=slowdown_factor,
             poison=poison,
             sleep=self.client.sleep,
         )

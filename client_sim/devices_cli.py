@@ -100,6 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how long a slow device sleeps before submitting each update (default 0)",
     )
     devices.add_argument(
+        "--slow-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="a slow device trains F times as long as it would (e.g. 4: an older phone; it "
+        "sleeps F - 1 times each training's own time; default 1)",
+    )
+    devices.add_argument(
         "--give-up-after",
         type=float,
         default=300.0,
@@ -165,8 +173,12 @@ def _check(args: argparse.Namespace) -> None:
             f"id is {DEVICE_ID_RULE}"
         )
     parse_partition_spec(args.partition)
-    if args.slow_fraction > 0 and args.slow_seconds <= 0:
-        raise DevicesArgumentError("--slow-fraction needs --slow-seconds greater than 0")
+    if args.slow_fraction > 0 and args.slow_seconds <= 0 and args.slow_factor <= 1:
+        raise DevicesArgumentError(
+            "--slow-fraction needs --slow-seconds greater than 0 or --slow-factor greater than 1"
+        )
+    if not args.slow_factor >= 1:
+        raise DevicesArgumentError(f"--slow-factor must be >= 1, got {args.slow_factor}")
     if args.slow_seconds < 0:
         raise DevicesArgumentError(f"--slow-seconds must be >= 0, got {args.slow_seconds}")
     for option in (
@@ -235,6 +247,7 @@ def _devices(args: argparse.Namespace) -> int:
         rejoin_after_seconds=args.rejoin_after,
         slow_devices=pick_devices(args.count, args.slow_fraction, args.seed, "slow"),
         slowdown_seconds=args.slow_seconds,
+        slowdown_factor=args.slow_factor,
         max_concurrent_training=args.concurrent_training,
         retry=RetryPolicy(give_up_after=args.give_up_after),
         device_id_prefix=args.device_prefix,

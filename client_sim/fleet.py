@@ -117,7 +117,8 @@ class FleetOptions:
     """How the devices of a fleet behave.
 
     ``drop_devices`` drop out with ``drop_probability`` per task (after downloading a model);
-    ``slow_devices`` sleep ``slowdown_seconds`` before each submission. At most
+    ``slow_devices`` sleep ``slowdown_seconds`` before each submission and train
+    ``slowdown_factor`` times as long. At most
     ``max_concurrent_training`` devices train or evaluate at once. ``ca_cert`` (a PEM file)
     switches the channels to TLS trusting that CA; ``tokens`` maps every device id to the
     bearer token it authenticates with (empty: no authentication). ``availability`` names a
@@ -136,6 +137,7 @@ class FleetOptions:
     rejoin_after_seconds: float | None = None
     slow_devices: Collection[int] = frozenset()
     slowdown_seconds: float = 0.0
+    slowdown_factor: float = 1.0  # slow devices train this many times as long
     max_concurrent_training: int = 1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     device_id_prefix: str = "sim"
@@ -191,6 +193,7 @@ def run_fleet(
             retry=options.retry,
             drop_probability=options.drop_probability if index in options.drop_devices else 0.0,
             slowdown_seconds=options.slowdown_seconds if index in options.slow_devices else 0.0,
+            slowdown_factor=options.slowdown_factor if index in options.slow_devices else 1.0,
             drops_in_round=_round_dropper(options, len(data), index),
             rejoin_after_seconds=options.rejoin_after_seconds,
             poison=(

@@ -24,6 +24,7 @@ from fake_coordinator import (
 from fedcoreml.client_sim.device import (
     DeviceData,
     DeviceStats,
+    FaultyTrainer,
     RetryPolicy,
     SimulatedDevice,
     architecture_key,
@@ -40,9 +41,10 @@ from fedcoreml.client_sim.fleet import (
 from fedcoreml.ios_bridge.channel import CHANNEL_OPTIONS
 from fedcoreml.ios_bridge.datasets import Dataset, load_bundled_sample
 from fedcoreml.ios_bridge.default_model import build_default_model
-from fedcoreml.ios_bridge.device_client import GaveUpError
+from fedcoreml.ios_bridge.device_client import GaveUpError, TrainResult
 from fedcoreml.ios_bridge.mlmodel_io import spec_from_bytes
 from fedcoreml.ios_bridge.parameters import get_parameters
+from fedcoreml.ios_bridge.wire import device_pb2
 
 FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, give_up_after=5.0, rpc_timeout=20.0)
 DEVICE_SEED = 7
@@ -258,3 +260,23 @@ def test_the_devices_command_runs_a_fleet(capsys):
     assert code == 0
     assert "sim-000: trained 0" in out and "sim-001: trained 0" in out
     assert out.count("finished") == 2
+
+
+def test_a_slow_phone_trains_the_given_factor_as_long():
+    """--slow-factor 4: after each training, sleep three times that training's own wall time."""
+
+    class Trainer:
+        def train(self, model, task):
+            return TrainResult([], 10, 0.5, 0.5, 0.25)
+
+        def evaluate(self, model, task):
+            raise AssertionError("not asked")
+
+    slept: list[float] = []
+    slow = FaultyTrainer(Trainer(), slowdown_factor=4.0, sleep=slept.append)
+    slow.train(b"", device_pb2.TrainTask(task_id="t", round=1))
+    assert slept == [0.75]
+    FaultyTrainer(Trainer(), sleep=slept.append).train(b"", device_pb2.TrainTask(task_id="u"))
+    assert slept == [0.75]  # an ordinary phone does not sleep
+    with pytest.raises(ValueError, match="slowdown_factor must be >= 1"):
+        FaultyTrainer(Trainer(), slowdown_factor=0.5, sleep=slept.append)
