@@ -153,11 +153,32 @@ def test_a_damaged_run_directory_is_said_and_the_last_good_read_kept(tmp_path):
     _commit(directory, 0, MODEL.data, 0.1)
     feed = RunFeed(directory.path)
     feed.refresh()
-    directory.round_model(0).write_bytes(b"tampered")
-    directory.append_metrics({"round": 0, "model_sha256": MODEL.sha256})  # a change to notice
+    with directory.commits_file.open("a") as commits:
+        commits.write("{torn\n")
     assert feed.refresh()
-    assert "round-0000.mlmodel" in feed.run_json()["error"]
+    assert "commits.jsonl: not valid JSON lines" in feed.run_json()["error"]
     assert len(feed.rounds_json()) == 1
+
+
+def test_a_model_file_changed_after_its_commit_is_never_served(tmp_path):
+    directory = RunDirectory(tmp_path / "run")
+    directory.write_config({"rounds": 1, "run_id": 7})
+    _commit(directory, 0, MODEL.data, 0.1)
+    dashboard = Dashboard("127.0.0.1:0", directory.path)
+    url = dashboard.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not httpx.get(url + "api/run").json()["run"]["models"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        directory.round_model(0).write_bytes(MODEL.data[:-1] + b"\0")
+        for path in ("models/0.mlmodel", "api/models/0"):
+            response = httpx.get(url + path)
+            assert response.status_code == 500
+            assert "is not the committed" in response.json()["error"]
+        assert httpx.post(url + "api/predict/0", content=_png(_seven())).status_code == 500
+    finally:
+        dashboard.stop()
 
 
 def _parse(chunks: list[str]) -> list[tuple[str, object]]:

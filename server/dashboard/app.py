@@ -39,6 +39,7 @@ from fedcoreml.server.dashboard.guard import DashboardGuard
 from fedcoreml.server.dashboard.hub import Hub, event_stream
 from fedcoreml.server.dashboard.models import ModelLookupError, ModelShelf
 from fedcoreml.server.gateway.tokens import TokenStore
+from fedcoreml.server.run_dir import RunDirectoryError
 
 __all__ = ["MAX_IMAGE_BYTES", "PAGES", "build_app"]
 
@@ -96,12 +97,16 @@ def build_app(
             return JSONResponse(await anyio.to_thread.run_sync(work))
         except ModelLookupError as exc:
             return _error(404, str(exc))
+        except RunDirectoryError as exc:
+            return _error(500, str(exc))
 
     async def download(request: Request) -> Response:
         try:
             model = await anyio.to_thread.run_sync(shelf.load, request.path_params["version"])
         except ModelLookupError as exc:
             return _error(404, str(exc))
+        except RunDirectoryError as exc:
+            return _error(500, str(exc))
         return Response(
             model.data,
             media_type="application/octet-stream",
@@ -131,6 +136,8 @@ def build_app(
             return JSONResponse(await anyio.to_thread.run_sync(work))
         except ModelLookupError as exc:
             return _error(404, str(exc))
+        except RunDirectoryError as exc:
+            return _error(500, str(exc))
         except NotADigitModelError as exc:
             return _error(422, str(exc))
         except ImageInputError as exc:

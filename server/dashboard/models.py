@@ -20,7 +20,7 @@ from fedcoreml.ios_bridge.errors import FedCoreMLError
 from fedcoreml.ios_bridge.mlmodel_io import sha256_hex, spec_from_bytes
 from fedcoreml.ios_bridge.model_info import describe
 from fedcoreml.ios_bridge.predict import Prediction, Predictor, check_digit_model
-from fedcoreml.server.run_dir import RunDirectory
+from fedcoreml.server.run_dir import RunDirectory, RunDirectoryError
 from fedcoreml.server.run_view import RunView
 
 __all__ = ["FINAL", "ModelLookupError", "ModelShelf", "StoredModel"]
@@ -76,7 +76,11 @@ class ModelShelf:
         self._predictors: _Lru[Predictor | FedCoreMLError] = _Lru(_CACHED)
 
     def load(self, version: str) -> StoredModel:
-        """The model ``version`` names (``3``, ``final``) as committed; ModelLookupError if none."""
+        """The model ``version`` names (``3``, ``final``) as committed.
+
+        Raises ModelLookupError when the run committed no such model, RunDirectoryError when
+        its file is no longer the bytes committed.
+        """
         view = self._view()
         if version == FINAL:
             if view is None or view.final_model is None:
@@ -97,8 +101,8 @@ class ModelShelf:
             path, name = self.run_dir.round_model(number), self.run_dir.round_model(number).name
         data = path.read_bytes()
         digest = sha256_hex(data)
-        if digest != committed.sha256:
-            raise ModelLookupError(
+        if digest != committed.sha256:  # the run directory was damaged after the commit
+            raise RunDirectoryError(
                 f"{path}: sha256 {digest[:12]}... is not the committed {committed.sha256[:12]}..."
             )
         return StoredModel(number, name, data, digest)
