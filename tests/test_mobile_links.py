@@ -8,9 +8,11 @@ connections closed, as a phone's OS does when its network goes away) and all thr
 
 Synchronous rounds: every round completes with every device, each device's downloads verify
 (size and sha256, checked by DeviceClient before it trains), the cut download resumes where it
-stopped, and the coordinator accepts exactly one update per device and round. Asynchronous
-(``--strategy fedbuff``) over the same links: every version is published, every device ends
-cleanly, and no update is accepted or applied twice.
+stopped (and the link carries no more bytes than without the cut, less the part that was held),
+and the coordinator accepts exactly one update per device and round. Asynchronous
+(``--strategy fedbuff``), at the same time over a second set of the same links, cut included:
+every version is published, every device ends cleanly, the cut download resumes and verifies,
+and no update is accepted or applied twice.
 
 How each impairment was applied (netem, or what the kernel offers instead) is printed and
 written next to the runs (``links.json``); one test per impairment checks that it took effect
@@ -47,7 +49,7 @@ LINKS: dict[str, Impairment] = {
     "delay": Impairment(delay_ms=300),
     "loss": Impairment(loss=0.02),
     "rate": Impairment(rate_mbit=2),
-    "cut": Impairment(rate_mbit=2),  # and cut mid-download (synchronous run)
+    "cut": Impairment(rate_mbit=2),  # and cut in the middle of the first download
     "mobile": Impairment(delay_ms=300, loss=0.02, rate_mbit=2),
 }
 CUT_LINK, CUT_BASELINE = "cut", "rate"  # the same link, without the cut
@@ -130,11 +132,10 @@ def cut_mid_download(link: Link, peer: str, run_dir: Path, start_bytes: int, cut
     ask for the rest from that offset. Nothing else this large goes down the link before then.
     """
     try:
-        model = run_dir / "models" / "round-0000.mlmodel"
-        while not model.exists():
+        while not (models := list(run_dir.glob("models/*-0000.mlmodel"))):
             if stop.wait(0.05):
                 return
-        size = model.stat().st_size
+        size = models[0].stat().st_size
         if size < 1.2 * DOWNLOAD_CHUNK_BYTES:
             raise AssertionError(f"the model ({size} bytes) fits in one download chunk")
         threshold = start_bytes + DOWNLOAD_CHUNK_BYTES + (size - DOWNLOAD_CHUNK_BYTES) // 3
@@ -157,7 +158,7 @@ def cut_mid_download(link: Link, peer: str, run_dir: Path, start_bytes: int, cut
         link.missing["cut"] = cut.error
 
 
-def run_fleet(env: Links, name: str, server_args: list[str], cut: bool) -> Outcome:
+def run_fleet(env: Links, name: str, server_args: list[str]) -> Outcome:
     """A coordinator on the bridge and one ``fedcoreml devices`` process per link, to the end.
 
     A coordinator started with ``--linger`` is stopped (SIGTERM) once every device has ended.
@@ -185,12 +186,11 @@ def run_fleet(env: Links, name: str, server_args: list[str], cut: bool) -> Outco
                                   label]),
                     stdout=out, stderr=subprocess.STDOUT,
                 )  # fmt: skip
-        if cut:
-            watcher = threading.Thread(
-                target=cut_mid_download,
-                args=(links[CUT_LINK], net.address, run_dir, start_bytes[CUT_LINK], outage, stop),
-            )
-            watcher.start()
+        watcher = threading.Thread(
+            target=cut_mid_download,
+            args=(links[CUT_LINK], net.address, run_dir, start_bytes[CUT_LINK], outage, stop),
+        )
+        watcher.start()
         deadline = time.monotonic() + RUN_TIMEOUT_S
         for process in [*devices.values(), server]:
             if process is server and "--linger" in server_args:
@@ -256,10 +256,10 @@ def links(tmp_path_factory) -> Iterator[dict[str, Links]]:
 
 @pytest.fixture(scope="module")
 def runs(links) -> dict[str, Outcome]:
-    """The synchronous run (with the cut) and the asynchronous one, side by side."""
+    """The synchronous run and the asynchronous one, side by side."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        sync = pool.submit(run_fleet, links["sync"], "sync", SYNC, True)
-        fedbuff = pool.submit(run_fleet, links["async"], "async", ASYNC, False)
+        sync = pool.submit(run_fleet, links["sync"], "sync", SYNC)
+        fedbuff = pool.submit(run_fleet, links["async"], "async", ASYNC)
         return {"sync": sync.result(), "async": fedbuff.result()}
 
 
@@ -344,11 +344,12 @@ def test_the_coordinator_accepts_one_update_per_device_and_round(sync_run):
         assert len({task for task, _ in told}) == ROUNDS, told
 
 
-def test_a_download_cut_midway_resumes_from_where_it_stopped_and_verifies(sync_run):
-    cut = sync_run.cut
-    if cut.at is None:
-        pytest.fail(f"the link was never cut: {cut.error or 'the download never got there'}")
-    log = sync_run.device_logs[CUT_LINK]
+def check_the_cut_download_resumed(run: Outcome) -> tuple[str, int]:
+    """The cut download was asked for again from the chunk the device held, and the device
+    trained on the whole model, which it verifies (size, sha256) first: (task id, offset)."""
+    if run.cut.at is None:
+        pytest.fail(f"the link was never cut: {run.cut.error or 'the download never got there'}")
+    log = run.device_logs[CUT_LINK]
     resumed = re.findall(
         rf"{device_id(CUT_LINK)}: DownloadModel of task (\w+) \(resuming at byte (\d+)\) failed",
         log,
@@ -357,11 +358,19 @@ def test_a_download_cut_midway_resumes_from_where_it_stopped_and_verifies(sync_r
     task, offset = resumed[0][0], int(resumed[0][1])
     # it held the first chunk when the link went, and asked for the rest from there ...
     assert offset >= DOWNLOAD_CHUNK_BYTES and offset % DOWNLOAD_CHUNK_BYTES == 0, resumed
-    assert offset <= cut.bytes_before
-    # ... got it, verified the whole model (size, sha256), trained on it and was accepted
-    assert (task, 1) in device_acceptances(sync_run, CUT_LINK), tail(log)
+    assert offset <= run.cut.bytes_before
+    # ... then got it and trained (the next thing it did with that task)
+    after = log[log.rindex(f"(resuming at byte {offset})") :]
+    outcome = re.search(rf"{device_id(CUT_LINK)}: (trained on|dropped task|train task)", after)
+    assert outcome and outcome.group(1) == "trained on", tail(log)
     retries = re.search(rf"^{device_id(CUT_LINK)}: .* retries (\d+)", log, re.MULTILINE)
     assert retries and int(retries.group(1)) >= 1, tail(log)
+    return task, offset
+
+
+def test_a_download_cut_midway_resumes_from_where_it_stopped_and_verifies(sync_run):
+    task, offset = check_the_cut_download_resumed(sync_run)
+    assert (task, 1) in device_acceptances(sync_run, CUT_LINK), tail(sync_run.device_logs[CUT_LINK])
     # The same link without the cut carried the same run: a download started over from byte 0
     # would have sent the `offset` bytes the device held once more; a resumed one sends again at
     # most the part of a chunk that was on its way when the link went.
@@ -375,6 +384,7 @@ def test_a_download_cut_midway_resumes_from_where_it_stopped_and_verifies(sync_r
 def test_versions_complete_over_the_impaired_links_and_no_update_counts_twice(async_run):
     assert async_run.server_returncode == 0, tail(async_run.server_log)
     check_devices_ended_well(async_run)
+    check_the_cut_download_resumed(async_run)
     check_models_are_the_committed_ones(async_run, "version", VERSIONS)
     owner = async_run.owners()
     applied = [u for c in async_run.lines("commits.jsonl")[1:] for u in c["applied"]]
@@ -404,7 +414,7 @@ def test_versions_complete_over_the_impaired_links_and_no_update_counts_twice(as
 
 CASES = [(run, label, kind) for run in ("sync", "async") for label, imp in LINKS.items()
          for kind in imp.kinds]  # fmt: skip
-CASES.append(("sync", CUT_LINK, "cut"))
+CASES += [(run, CUT_LINK, "cut") for run in ("sync", "async")]
 
 
 @pytest.mark.parametrize(("run", "label", "kind"), CASES, ids=["-".join(c) for c in CASES])
