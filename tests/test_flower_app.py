@@ -21,6 +21,7 @@ from flwr.supercore.run import Run
 from fedcoreml.ios_bridge.mlmodel_io import load_spec
 from fedcoreml.ios_bridge.parameters import get_parameters
 from fedcoreml.server import flower_app
+from fedcoreml.server.fedbuff_replay import replay
 from fedcoreml.server.flower_app import FlowerRunError, config_from_run_config
 from fedcoreml.server.flower_identity import set_task_identity
 
@@ -30,7 +31,8 @@ APP_DEFAULTS = {
     "num-server-rounds": 3, "strategy": "fedavg", "strategy-args": "", "fraction-train": 0.1,
     "fraction-evaluate": 0.0, "min-nodes": 2, "model": "", "local-epochs": 1, "batch-size": 32,
     "lr": 0.001, "round-timeout": 600.0, "data-dir": "", "partition": "iid", "seed": 0,
-    "eval-data-dir": "", "run-dir": "", "keep-updates": False,
+    "eval-data-dir": "", "run-dir": "", "keep-updates": False, "concurrency": 0, "buffer": 0,
+    "max-staleness": 10, "target-accuracy": 0.0,
 }  # fmt: skip
 
 
@@ -76,6 +78,20 @@ def test_the_run_config_maps_onto_the_coordinator_config(tmp_path):
     assert config.learning_rate is None  # 0: the model's own default
     assert config.eval_data == "/data/fmnist"  # the nodes' data set's test split
     assert config_from_run_config(APP_DEFAULTS, run_id=7).run_dir == Path("runs/flower-7")
+
+
+def test_fedbuff_s_run_config_maps_onto_its_options(tmp_path):
+    config = config_from_run_config(
+        {**APP_DEFAULTS, "strategy": "fedbuff", "concurrency": 3, "buffer": 2,
+         "max-staleness": 4, "target-accuracy": 0.9, "keep-updates": True},
+        run_id=7,
+    )  # fmt: skip
+    assert config.asynchronous and config.fraction == 1.0  # concurrency, not a fraction
+    assert (config.fedbuff_concurrency, config.fedbuff_buffer, config.max_staleness) == (3, 2, 4)
+    assert config.target_accuracy == 0.9 and config.keep_updates
+    defaults = config_from_run_config({**APP_DEFAULTS, "strategy": "fedbuff"}, run_id=7)
+    assert (defaults.fedbuff_concurrency, defaults.fedbuff_buffer) == (2, 2)  # min-nodes
+    assert defaults.target_accuracy is None
 
 
 class FailingGrid(Grid):
@@ -132,6 +148,29 @@ def test_simulation_runtime_runs_the_app_end_to_end(runtime, tmp_path):
     status, details = runtime.wait(run_id, timeout=300)
     assert status == "finished:completed", (details, runtime.run_log(run_id))
     check_run_directory(run_dir, rounds=2, per_round=2)
+
+
+@pytest.mark.slow
+@pytest.mark.flower
+def test_fedbuff_runs_on_flower_s_simulation_runtime_through_push_and_pull(runtime, tmp_path):
+    """The same asynchronous strategy over Flower's own Grid: versions replay bit for bit."""
+    runtime.start_superlink(simulation=True)
+    run_dir = tmp_path / "run"
+    run_id = runtime.run_app(
+        f"strategy='fedbuff' num-server-rounds=3 min-nodes=3 concurrency=3 buffer=2 "
+        f"run-dir='{run_dir}' keep-updates=true",
+        federation_config="num-supernodes=3",
+    )
+    status, details = runtime.wait(run_id, timeout=300)
+    assert status == "finished:completed", (details, runtime.run_log(run_id))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2, 3]
+    assert all(line["fedbuff"]["applied"] == 2 for line in lines[1:])
+    assert lines[-1]["test_accuracy"] > lines[0]["test_accuracy"] + 0.1  # it learned
+    assert [v.version for v in replay(run_dir)] == [1, 2, 3]
+    assert (run_dir / "final.mlmodel").read_bytes() == (
+        run_dir / "models" / "version-0003.mlmodel"
+    ).read_bytes()
 
 
 @pytest.mark.slow
