@@ -154,13 +154,18 @@ class Coordinator:
     def _finish(self, final: RoundModel, lingering: bool) -> None:
         """Tell the devices, and give every live one a chance to hear it before stopping.
 
-        A coordinator resumed after the last round was committed (killed at the very end) has
+        An asynchronous run waits up to a session TTL for devices still training to return. A
+        coordinator resumed after the last round was committed (killed at the very end) has
         no device yet: unless it lingers, it waits up to a session TTL for as many devices as
         the run needs to come back and hear it, instead of leaving them to retry into the void.
         """
         self.board.finish_run(final)
         now = time.monotonic()
         grace_end = now + 2 * self.config.poll_interval_ms / 1000 + 1.0
+        if self.config.asynchronous:
+            # fedbuff ends with devices mid-training by design: give each a session TTL to come
+            # back, be refused its submission and hear that the run is finished
+            grace_end = now + self.config.session_ttl
         wanted = 0
         if self.federated.start_round >= self.config.rounds and not lingering:
             grace_end, wanted = now + self.config.session_ttl, self.config.min_devices

@@ -223,6 +223,8 @@ def run_fleet(coordinator: Coordinator, delays: list[float], seen: list | None =
     stop, threads = start_devices(devices)
     run_to_the_end(coordinator, stop, threads)
     assert all(d.error is None for d in devices), [d.error for d in devices]
+    # even a phone still training when the last version came out hears that the run is over
+    assert all(d.finished for d in devices)
     return devices
 
 
@@ -336,3 +338,17 @@ def test_model_files_follow_the_strategy_named_in_run_json(tmp_path):
     directory.write_config({"run_id": 1, "strategy": "fedbuff"})
     assert directory.round_model(3).name == "version-0003.mlmodel"
     assert RunDirectory(tmp_path / "run").round_model(0).name == "version-0000.mlmodel"
+
+
+def test_the_run_ends_at_the_target_accuracy_with_every_version_judged(tmp_path, tiny_model):
+    config = fedbuff_config(tmp_path / "run", tiny_model, rounds=1000, target_accuracy=0.01,
+                            keep_updates=False, strategy_args={})  # fmt: skip
+    coordinator = Coordinator(config)
+    run_fleet(coordinator, [0.05, 0.05, 0.05])
+    directory = RunDirectory(tmp_path / "run")
+    commits, metrics = lines(directory.commits_file), lines(directory.metrics_file)
+    last = commits[-1]["round"]
+    assert last < 1000 and coordinator.federated.final_version == last
+    assert [m["round"] for m in metrics] == [c["round"] for c in commits]  # all judged
+    assert any(m["test_accuracy"] >= 0.01 for m in metrics)
+    assert directory.final_model.read_bytes() == directory.round_model(last).read_bytes()
