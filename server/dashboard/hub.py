@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,6 +22,8 @@ from fedcoreml.server.dashboard.fleet import FleetSource, fleet_snapshot
 from fedcoreml.server.dashboard.run_feed import RunFeed
 
 __all__ = ["KEEPALIVE_S", "Hub", "Snapshot", "event_stream", "fleet_summary"]
+
+log = logging.getLogger("fedcoreml.dashboard")
 
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_S = 15.0
@@ -122,12 +125,19 @@ class Hub:
         while a stream is open."""
         loop = self._loop = asyncio.get_running_loop()
         next_fleet = 0.0
+        failure: str | None = None
         while not self.closing:
             now = loop.time()
             with_fleet = self.streams > 0 and now >= next_fleet
             if with_fleet:
                 next_fleet = now + self.fleet_every_s
-            await self.refresh(with_fleet or self.snapshot.fleet is None)
+            try:
+                await self.refresh(with_fleet or self.snapshot.fleet is None)
+                failure = None
+            except Exception as exc:  # a failed read must not end live updates for good
+                if repr(exc) != failure:  # said once, not four times a second
+                    log.exception("dashboard: reading the run or the fleet failed; retrying")
+                failure = repr(exc)
             await asyncio.sleep(self.poll_s)
 
 

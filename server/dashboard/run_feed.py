@@ -50,8 +50,9 @@ class RunFeed:
             return True
         try:
             self.view, self.error = read_run(directory.path, verify=False), None
-        except RunDirectoryError as exc:
-            self.error = str(exc)  # keep the last good view, and say what is wrong
+        except (RunDirectoryError, OSError, ValueError, KeyError, TypeError) as exc:
+            # a damaged or unreadable directory: keep the last good view, and say what is wrong
+            self.error = str(exc) if isinstance(exc, RunDirectoryError) else f"{exc!r}"
         return True
 
     def run_json(self) -> dict[str, Any]:
