@@ -232,6 +232,34 @@ def test_many_event_streams_cost_one_read_and_each_gets_only_what_it_has_not_see
     assert late[1][1]["from"] == 0 and [line["round"] for line in late[1][1]["lines"]] == [0, 1]
 
 
+def test_a_failed_read_is_retried_and_never_ends_live_updates(tmp_path, caplog):
+    calls = []
+
+    class FlakyRegistry(SessionRegistry):
+        def snapshot(self):
+            calls.append(1)
+            if len(calls) <= 3:
+                raise RuntimeError("registry busy")
+            return super().snapshot()
+
+    fleet = FleetSource(FlakyRegistry(), TaskBoard(), RefusalCounts(), min_devices=1)
+    hub = Hub(RunFeed(tmp_path / "run"), fleet, poll_s=0.01, fleet_every_s=0.0)
+
+    async def scenario() -> None:
+        poller = asyncio.create_task(hub.run())
+        for _ in range(500):
+            if hub.snapshot.fleet is not None:
+                break
+            await asyncio.sleep(0.01)
+        hub.close()
+        await poller
+
+    asyncio.run(scenario())
+    assert json.loads(hub.snapshot.fleet)["registered"] == 0
+    failures = [r for r in caplog.records if "reading the run or the fleet failed" in r.message]
+    assert len(calls) > 3 and len(failures) == 1  # logged once, not at every retry
+
+
 # -- models and predictions over a real run -----------------------------------------------------
 
 
