@@ -47,9 +47,11 @@ def screenshots(tmp_path_factory, request) -> Path:
     chosen = os.environ.get("FEDCOREML_SCREENSHOTS")
     folder = Path(chosen) if chosen else tmp_path_factory.mktemp("dashboard-screenshots")
     folder.mkdir(parents=True, exist_ok=True)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"dashboard screenshots: {folder}")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown even while output is captured
+            reporter.write_line(f"dashboard screenshots: {folder}")
     return folder
 
 
