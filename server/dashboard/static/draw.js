@@ -83,6 +83,12 @@ function version() {
 function fillVersions() {
   const list = versions().slice().reverse();
   const keep = chosen ?? String(latestVersion());
+  const names = list.map((m) => String(m.version)).join(",");
+  if (select.dataset.names === names) {  // unchanged: leave an open list alone
+    if (select.value !== keep && names.split(",").includes(keep)) select.value = keep;
+    return;
+  }
+  select.dataset.names = names;
   select.replaceChildren(...list.map((m) => el("option", {
     value: String(m.version),
     text: m.version === "final" ? "final model" : `${unitName()} ${m.version}`,
@@ -122,6 +128,7 @@ function showResult(result) {
   const ctx = input.getContext("2d");
   if (!result) {
     label.textContent = "–";
+    for (const key of ["label", "version", "probabilities"]) delete label.dataset[key];
     delete input.dataset.image;
     ctx.fillStyle = "#000";
     ctx.fillRect(0, 0, 28, 28);
