@@ -40,9 +40,12 @@ def committed_run(path, rounds: int) -> RunDirectory:
     return directory
 
 
-def stop_line(run_dir, listen=None, linger=False, rounds=5, signum=signal.SIGTERM) -> str:
+def stop_line(
+    run_dir, listen=None, linger=False, rounds=5, signum=signal.SIGTERM, asynchronous=False
+) -> str:
     args = argparse.Namespace(listen=listen, linger=linger)
-    coordinator = SimpleNamespace(config=SimpleNamespace(run_dir=run_dir, rounds=rounds))
+    config = SimpleNamespace(run_dir=run_dir, rounds=rounds, asynchronous=asynchronous)
+    coordinator = SimpleNamespace(config=config)
     return _stopped(args, coordinator, StopRequested(signum))
 
 
@@ -57,6 +60,7 @@ def test_the_stop_line_names_the_last_committed_round_and_the_exact_command(tmp_
     assert stop_line(run_dir, signum=signal.SIGINT).startswith(
         "stopped by Ctrl-C (SIGINT) after round 2 of 5; continue with: fedcoreml server --resume"
     )
+    assert stop_line(run_dir, asynchronous=True).startswith("stopped by SIGTERM after version 2")
 
 
 def test_the_stop_line_before_any_round(tmp_path):
