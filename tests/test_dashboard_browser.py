@@ -15,6 +15,8 @@ import ipaddress
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -291,3 +293,27 @@ def test_beyond_loopback_a_request_without_the_dashboard_token_is_refused(
         assert browser.evaluate("fetch('/api/run').then(r => r.status)") == 401
     finally:
         dashboard.stop()
+
+
+def test_the_run_report_renders_self_contained(live, browser, screenshots, tmp_path):
+    """`fedcoreml report` of the finished run, opened from disk: every plot drawn, one table row
+    per judged round, and not one resource fetched from anywhere."""
+    pytest.importorskip("matplotlib", reason="the report's plots need fedcoreml[report]")
+    live.finish()
+    report = tmp_path / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedcoreml.server.cli", "report", str(live.run_dir.path),
+         "--out", str(report)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    browser.navigate(report.as_uri())
+    sizes = browser.evaluate(
+        "[...document.querySelectorAll('figure svg')].map(s => {"
+        " const r = s.getBoundingClientRect(); return [r.width, r.height]; })"
+    )
+    assert len(sizes) == 4 and all(w > 200 and h > 100 for w, h in sizes)  # 4 plots, drawn
+    rows = browser.evaluate("document.querySelectorAll('#rounds tr:has(td)').length")
+    assert rows == len(live.run_dir.read_metrics()) == ROUNDS + 1
+    assert browser.evaluate("performance.getEntriesByType('resource').length") == 0
+    browser.screenshot(screenshots / "report.png")
