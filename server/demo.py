@@ -44,19 +44,27 @@ class _FleetExited(BaseException):
         self.status = status
 
 
-def _round_table(records: list[RoundRecord]) -> Table:
-    table = Table(title="rounds")
-    for column in ("round", "test accuracy", "test loss", "devices", "examples", "seconds"):
+def _round_table(records: list[RoundRecord], unit: str = "round") -> Table:
+    """One row per round; a fedbuff run's versions show their applied updates' staleness."""
+    table = Table(title=f"{unit}s")
+    devices = "devices" if unit == "round" else "accepted/sent"
+    columns = [unit, "test accuracy", "test loss", devices, "examples", "seconds"]
+    if unit == "version":
+        columns.append("staleness")
+    for column in columns:
         table.add_column(column, justify="right")
     for r in records:
-        table.add_row(
+        row = [
             str(r.round),
             f"{r.test_accuracy:.4f}",
             f"{r.test_loss:.4f}",
             f"{r.devices_reported}/{r.devices_sampled}" if r.round else "-",
             f"{r.examples:,}" if r.round else "-",
             f"{r.seconds:.1f}",
-        )
+        ]
+        if unit == "version":
+            row.append(" ".join(map(str, r.fedbuff["staleness"])) if r.fedbuff else "-")
+        table.add_row(*row)
     return table
 
 
@@ -123,9 +131,18 @@ def run_demo(
         poll_interval_ms=200,
     )
 
+    unit = "version" if config.asynchronous else "round"
+
     def on_round(record: RoundRecord) -> None:
         if record.round == 0:
             console.print(f"initial model: test accuracy {record.test_accuracy:.4f}")
+        elif record.fedbuff is not None:
+            console.print(
+                f"version {record.round}/{config.rounds}: test accuracy "
+                f"{record.test_accuracy:.4f}, loss {record.test_loss:.4f}, "
+                f"{record.fedbuff['applied']} updates applied (staleness "
+                f"{' '.join(map(str, record.fedbuff['staleness']))}), {record.seconds:.1f} s"
+            )
         else:
             console.print(
                 f"round {record.round}/{config.rounds}: test accuracy "
@@ -143,7 +160,7 @@ def run_demo(
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         console.print(
             f"coordinator on 127.0.0.1:{port}; starting {args.devices} simulated iPhones "
-            f"({args.partition}); {config.rounds} rounds of {config.strategy}"
+            f"({args.partition}); {config.rounds} {unit}s of {config.strategy}"
         )
         final, fleet_status = _run_with_fleet(coordinator, _fleet_command(args, port),
                                               fleet_log_path, console)  # fmt: skip
@@ -156,7 +173,7 @@ def run_demo(
         coordinator.stop()
         if dashboard is not None:
             dashboard.stop()
-    console.print(_round_table(coordinator.records))
+    console.print(_round_table(coordinator.records, unit))
     if fleet_status != 0:
         console.print(f"the device fleet exited with {fleet_status}; see {fleet_log_path}")
         return 1
