@@ -15,7 +15,7 @@ Routes (all read-only but the prediction, which computes and stores nothing)::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
@@ -51,6 +51,24 @@ _STATIC = resources.files("fedcoreml.server.dashboard") / "static"
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+# What a model request may fail with, and the status each is answered with.
+_MODEL_ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (ModelLookupError, 404),  # no such version
+    (RunDirectoryError, 500),  # the file differs from its commit
+    (NotADigitModelError, 422),
+    (ImageInputError, 400),
+)
+
+
+async def _in_thread(work: Callable[[], Any]) -> tuple[Any, JSONResponse | None]:
+    """``work()`` off the event loop: (its result, None), or (None, the error's answer)."""
+    try:
+        return await anyio.to_thread.run_sync(work), None
+    except tuple(kind for kind, _ in _MODEL_ERRORS) as exc:
+        status = next(code for kind, code in _MODEL_ERRORS if isinstance(exc, kind))
+        return None, _error(status, str(exc))
 
 
 def build_app(
@@ -90,23 +108,13 @@ def build_app(
     async def model_summary(request: Request) -> Response:
         version = request.path_params["version"]
 
-        def work() -> dict[str, Any]:
-            return shelf.summary(shelf.load(version))
-
-        try:
-            return JSONResponse(await anyio.to_thread.run_sync(work))
-        except ModelLookupError as exc:
-            return _error(404, str(exc))
-        except RunDirectoryError as exc:
-            return _error(500, str(exc))
+        summary, failed = await _in_thread(lambda: shelf.summary(shelf.load(version)))
+        return failed or JSONResponse(summary)
 
     async def download(request: Request) -> Response:
-        try:
-            model = await anyio.to_thread.run_sync(shelf.load, request.path_params["version"])
-        except ModelLookupError as exc:
-            return _error(404, str(exc))
-        except RunDirectoryError as exc:
-            return _error(500, str(exc))
+        model, failed = await _in_thread(lambda: shelf.load(request.path_params["version"]))
+        if failed is not None:
+            return failed
         return Response(
             model.data,
             media_type="application/octet-stream",
@@ -132,16 +140,8 @@ def build_app(
             prediction = shelf.predict(model, bytes(body))
             return {"version": model.version, "sha256": model.sha256, **prediction.to_json()}
 
-        try:
-            return JSONResponse(await anyio.to_thread.run_sync(work))
-        except ModelLookupError as exc:
-            return _error(404, str(exc))
-        except RunDirectoryError as exc:
-            return _error(500, str(exc))
-        except NotADigitModelError as exc:
-            return _error(422, str(exc))
-        except ImageInputError as exc:
-            return _error(400, str(exc))
+        answer, failed = await _in_thread(work)
+        return failed or JSONResponse(answer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
