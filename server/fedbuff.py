@@ -172,6 +172,7 @@ class FedBuff:
         on_version: Callable[[VersionRecord, ArrayRecord, ServerState], None],
         should_stop: Callable[[], bool] = lambda: False,
         state: ServerState | None = None,
+        first_version: int = 0,
     ) -> ArrayRecord:
         """Publish up to ``num_versions`` versions after ``initial_arrays``; returns the last.
 
@@ -180,8 +181,10 @@ class FedBuff:
         a round that trains on the previous round's model). ``on_version`` is called with each
         new version's record, arrays and server state before any message carries it;
         ``should_stop`` is asked between steps (e.g. a target accuracy was reached).
+        ``first_version``: the run's number of ``initial_arrays`` (a resumed run), for the logs.
         """
         loop = _Loop(self, grid, initial_arrays, timeout, train_config, state or ServerState())
+        loop.first_version = first_version
         return loop.run(num_versions, on_version, should_stop)
 
 
@@ -212,6 +215,7 @@ class _Loop:
         self.start = time.monotonic()
         self.last_version_at = self.start
         self.record = VersionRecord(1, [])
+        self.first_version = 0  # only for the logs: the run's number of version 0
 
     @property
     def current(self) -> Arrays:
@@ -381,7 +385,7 @@ class _Loop:
         self.record = VersionRecord(self.version + 1, [])
         log.info(
             "version %d: %d update(s) applied (staleness %s), %d refused, %d failed, %.1f s",
-            self.version, len(applied), [u.staleness for u in applied],
+            self.version + self.first_version, len(applied), [u.staleness for u in applied],
             sum(done.refused.values()), sum(done.failed.values()), done.seconds,
         )  # fmt: skip
         return done, record, self.state

@@ -238,6 +238,7 @@ class FederatedRun:
             on_version=self._after_version,
             should_stop=self._target_reached,
             state=state,
+            first_version=self.start_round,
         )
 
     def _target_reached(self) -> bool:
