@@ -352,3 +352,23 @@ def test_the_run_ends_at_the_target_accuracy_with_every_version_judged(tmp_path,
     assert [m["round"] for m in metrics] == [c["round"] for c in commits]  # all judged
     assert any(m["test_accuracy"] >= 0.01 for m in metrics)
     assert directory.final_model.read_bytes() == directory.round_model(last).read_bytes()
+
+
+def test_the_demo_shows_versions_with_the_staleness_they_applied():
+    from rich.console import Console
+
+    from fedcoreml.server.demo import _round_table
+    from fedcoreml.server.run_config import RoundRecord
+
+    base = {"test_loss": 1.0, "devices_failed": 0, "model_sha256": "ab", "seconds": 2.0}
+    records = [
+        RoundRecord(round=0, test_accuracy=0.1, devices_sampled=0, devices_reported=0,
+                    examples=0, **base),
+        RoundRecord(round=1, test_accuracy=0.6, devices_sampled=7, devices_reported=4,
+                    examples=540, fedbuff={"staleness": [2, 1, 0, 0]}, **base),
+    ]  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(_round_table(records, "version"))
+    text = console.export_text()
+    assert "versions" in text and "staleness" in text and "accepted/sent" in text
+    assert "2 1 0 0" in text and "4/7" in text

@@ -55,7 +55,7 @@ LINKS: dict[str, Impairment] = {
 CUT_LINK, CUT_BASELINE = "cut", "rate"  # the same link, without the cut
 OUTAGE_S = 3.0
 ROUNDS = 2
-VERSIONS, BUFFER = 6, 4  # asynchronous run: 24 applied updates
+VERSIONS, BUFFER = 3, 4  # asynchronous run: 12 applied updates
 COMMON = ["--insecure", "--min-devices", str(len(LINKS)), "--local-epochs", "1",
           "--batch-size", "32", "--lr", "0.001", "--handout-rate", "0"]  # fmt: skip
 SYNC = ["--rounds", str(ROUNDS), "--round-timeout", "180"]
