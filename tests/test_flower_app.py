@@ -175,7 +175,7 @@ def test_fedbuff_runs_on_flower_s_simulation_runtime_through_push_and_pull(runti
 
 @pytest.mark.slow
 @pytest.mark.flower
-def test_deployment_runtime_runs_the_app_on_supernodes(runtime, tmp_path):
+def test_deployment_runtime_runs_the_app_and_fedbuff_on_supernodes(runtime, tmp_path):
     runtime.start_superlink(simulation=False)
     for index in range(3):
         runtime.start_supernode(index, 3)
@@ -186,6 +186,18 @@ def test_deployment_runtime_runs_the_app_on_supernodes(runtime, tmp_path):
     status, details = runtime.wait(run_id, timeout=400)
     assert status == "finished:completed", (details, runtime.run_log(run_id))
     check_run_directory(run_dir, rounds=2, per_round=3)
+
+    # FedBuff on the same SuperLink and SuperNodes: Flower's gRPC Grid, push and pull alone
+    async_dir = tmp_path / "async"
+    run_id = runtime.run_app(
+        f"strategy='fedbuff' num-server-rounds=2 min-nodes=3 concurrency=3 buffer=2 "
+        f"run-dir='{async_dir}' keep-updates=true"
+    )
+    status, details = runtime.wait(run_id, timeout=400)
+    assert status == "finished:completed", (details, runtime.run_log(run_id))
+    lines = [json.loads(x) for x in (async_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert [v.version for v in replay(async_dir)] == [1, 2]
 
 
 def test_a_node_reads_its_partition_and_may_name_its_own_data(shared_mnist):
