@@ -120,8 +120,8 @@ class DeviceGrid(Grid):
         self._aggregators: dict[int, StreamingWeightedMean] = {}
         self.history: list[ExchangeStats] = []
         # the last model built, with the ArrayRecord it was built from (kept alive, so that an
-        # id() match is that record): a strategy that pushes a few messages at a time (FedBuff)
-        # has each version baked once
+        # identity match is that record): the messages of a push share one record, and a strategy
+        # that pushes a few messages at a time (FedBuff) has each version baked once
         self._last_built: tuple[ArrayRecord, RoundModel] | None = None
 
     # -- Grid API -----------------------------------------------------------------------------
@@ -147,10 +147,9 @@ class DeviceGrid(Grid):
         return self.registry.live_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        models: dict[int, RoundModel] = {}  # by id() of the ArrayRecord: strategies share one
         ids = []
         for message in messages:
-            task = self._assign(message, models)
+            task = self._assign(message)
             _give_id(message)
             with self._lock:
                 self._pushed[message.metadata.message_id] = (message, task)
@@ -313,7 +312,7 @@ class DeviceGrid(Grid):
 
     # -- translation --------------------------------------------------------------------------
 
-    def _assign(self, message: Message, models: dict[int, RoundModel]) -> Task:
+    def _assign(self, message: Message) -> Task:
         content = message.content
         kind = message.metadata.message_type
         if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
@@ -323,16 +322,14 @@ class DeviceGrid(Grid):
         server_round = int(config.get(ROUND_KEY, 0)) + self.round_offset
         # Train tasks ship the previous round's aggregate; evaluate tasks this round's.
         version = server_round - 1 if kind == MessageType.TRAIN else server_round
-        model = models.get(id(arrays))
         last = self._last_built
-        if model is None and last is not None and last[0] is arrays and last[1].version == version:
+        if last is not None and last[0] is arrays and last[1].version == max(version, 0):
             model = last[1]
-        if model is None:
+        else:
             model = self.store.build(arrays_to_parameters(arrays), version=max(version, 0))
-            self._last_built = (arrays, model)
             if self.publish is not None:  # durable before any device can be told of it
                 self.publish(model)
-            models[id(arrays)] = model
+            self._last_built = (arrays, model)
         task_config = None
         if kind == MessageType.TRAIN:
             task_config = TaskConfig(

@@ -183,8 +183,8 @@ class FedBuff:
         ``should_stop`` is asked between steps (e.g. a target accuracy was reached).
         ``first_version``: the run's number of ``initial_arrays`` (a resumed run), for the logs.
         """
-        loop = _Loop(self, grid, initial_arrays, timeout, train_config, state or ServerState())
-        loop.first_version = first_version
+        state = state or ServerState()
+        loop = _Loop(self, grid, initial_arrays, timeout, train_config, state, first_version)
         return loop.run(num_versions, on_version, should_stop)
 
 
@@ -199,6 +199,7 @@ class _Loop:
         timeout: float,
         train_config: ConfigRecord,
         state: ServerState,
+        first_version: int,
     ) -> None:
         self.s = strategy
         self.grid = grid
@@ -215,7 +216,7 @@ class _Loop:
         self.start = time.monotonic()
         self.last_version_at = self.start
         self.record = VersionRecord(1, [])
-        self.first_version = 0  # only for the logs: the run's number of version 0
+        self.first_version = first_version  # only for the logs: the run's number of version 0
 
     @property
     def current(self) -> Arrays:

@@ -106,17 +106,16 @@ class FederatedRun:
         self._committed: dict[int, str] = {}
         self._committed_at: dict[int, float | None] = {}  # version -> elapsed_s at its commit
         self._unjudged: list[dict] = []
+        # wall time: this process's start, and what the run had used before a restart
+        self._started = time.monotonic()
+        self._elapsed_before = 0.0
         if resume_after is not None:
             commits = self.run_dir.committed()
             self._committed = {int(c["round"]): c["model_sha256"] for c in commits}
             self._unjudged = self.run_dir.unjudged(commits)
+            if commits:
+                self._elapsed_before = float(commits[-1].get("elapsed_s") or 0.0)
         self._history: Callable[[], list[ExchangeStats]] = list
-        # wall time: this process's start, and what the run had used before a restart
-        self._started = time.monotonic()
-        self._elapsed_before = 0.0
-        if resume_after is not None and self._committed:
-            last = self.run_dir.read_commits()[-1] if self.run_dir.commits_file.exists() else {}
-            self._elapsed_before = float(last.get("elapsed_s") or 0.0)
         self.final_version = config.rounds
 
     def _load_model(self) -> tuple[Model_pb2.Model, str]:

@@ -160,6 +160,14 @@ def test_a_damaged_run_directory_is_said_and_the_last_good_read_kept(tmp_path):
     assert len(feed.rounds_json()) == 1
 
 
+def _wait_until_read(url: str, done, timeout_s: float = 10.0) -> None:
+    """Poll the dashboard's api/run until ``done(answer)`` holds (its reader caught up)."""
+    deadline = time.monotonic() + timeout_s
+    while not done(httpx.get(url + "api/run").json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_a_model_file_changed_after_its_commit_is_never_served(tmp_path):
     directory = RunDirectory(tmp_path / "run")
     directory.write_config({"rounds": 1, "run_id": 7})
@@ -167,10 +175,7 @@ def test_a_model_file_changed_after_its_commit_is_never_served(tmp_path):
     dashboard = Dashboard("127.0.0.1:0", directory.path)
     url = dashboard.start()
     try:
-        deadline = time.monotonic() + 10
-        while not httpx.get(url + "api/run").json()["run"]["models"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_until_read(url, lambda answer: answer["run"]["models"])
         directory.round_model(0).write_bytes(MODEL.data[:-1] + b"\0")
         for path in ("models/0.mlmodel", "api/models/0"):
             response = httpx.get(url + path)
@@ -272,10 +277,7 @@ def finished_run(tmp_path_factory) -> Path:
 def served(finished_run) -> str:
     dashboard = Dashboard("127.0.0.1:0", finished_run)
     url = dashboard.start()
-    deadline = time.monotonic() + 10
-    while not httpx.get(url + "api/run").json()["rounds"]:  # the first read is done
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_until_read(url, lambda answer: answer["rounds"])  # the first read is done
     yield url
     dashboard.stop()
 
@@ -371,10 +373,7 @@ def test_a_model_that_takes_no_digit_is_told_plainly(tmp_path):
     dashboard = Dashboard("127.0.0.1:0", directory.path)
     url = dashboard.start()
     try:
-        deadline = time.monotonic() + 10
-        while not httpx.get(url + "api/run").json()["run"]["models"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_until_read(url, lambda answer: answer["run"]["models"])
         info = httpx.get(url + "api/models/0").json()
         assert not info["digit_input"] and "has shape [100]" in info["digit_problem"]
         answer = httpx.post(url + "api/predict/0", content=_png(_seven()))
